@@ -1,0 +1,41 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "vloop",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "VirtualDisk", targets: ["VirtualDisk"]),
+        .executable(name: "vloop", targets: ["vloop"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // Thin C shim: Linux-only constants and calls that Glibc's Swift overlay hides
+        // without _GNU_SOURCE (OFD locks, fallocate modes, SEEK_DATA/SEEK_HOLE, O_DIRECT),
+        // plus zlib and zstd.
+        .target(
+            name: "CVloop",
+            linkerSettings: [.linkedLibrary("z"), .linkedLibrary("zstd")]
+        ),
+        .target(
+            name: "VirtualDisk",
+            dependencies: ["CVloop"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .executableTarget(
+            name: "vloop",
+            dependencies: [
+                "VirtualDisk",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .testTarget(
+            name: "VirtualDiskTests",
+            dependencies: ["VirtualDisk", "CVloop"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+    ]
+)

@@ -1,0 +1,30 @@
+#ifndef CVLOOP_H
+#define CVLOOP_H
+#include <stdint.h>
+#include <sys/types.h>
+#include <zlib.h>
+#include <zstd.h>
+
+/* Open file description (OFD) byte-range locks, as QEMU uses them. */
+/* Returns 0 on success, -errno on failure. */
+int vl_ofd_lock(int fd, int64_t start, int64_t len, int exclusive, int unlock);
+/* Returns 1 if a conflicting lock exists (held by another open file description),
+   0 if none, -errno on error. On conflict *pid_out is the holder's pid or -1. */
+int vl_ofd_test(int fd, int64_t start, int64_t len, int exclusive, int32_t *pid_out);
+
+int vl_punch_hole(int fd, int64_t off, int64_t len);
+int vl_zero_range(int fd, int64_t off, int64_t len, int keep_size);
+int vl_fallocate(int fd, int64_t off, int64_t len);
+/* SEEK_DATA / SEEK_HOLE: returns offset, or -errno (-ENXIO past the last data). */
+int64_t vl_seek_data(int fd, int64_t off);
+int64_t vl_seek_hole(int fd, int64_t off);
+int vl_o_direct(void);
+
+/* Raw deflate (no zlib header), as qcow/qcow2 store compressed clusters. */
+/* Returns bytes produced into dst, or -1 on error. dst_len must be the full cluster. */
+long vl_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len);
+/* Returns compressed length, or 0 if it does not fit in dst_cap. */
+long vl_deflate_raw(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
+long vl_zstd_decompress_stream(const void *src, size_t src_len, void *dst, size_t dst_len);
+long vl_zstd_compress(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
+#endif

@@ -1,0 +1,232 @@
+import Synchronization
+
+/// One process-wide cache of metadata pages (L1/L2 tables, refcount blocks, BAT pages,
+/// bitmaps, grain tables) with a byte budget and LRU eviction.
+///
+/// Ownership and locking:
+/// - A page belongs to one owner (an open image layer). Its bytes are read and changed
+///   only by that owner, under the owner's own lock; the cache never touches them.
+/// - The cache's lock guards only bookkeeping (the key map, the LRU list, pins, dirty
+///   sets) and is never held across I/O: a miss loads the page without the lock, then
+///   inserts it. Another image's metadata I/O therefore never blocks this one.
+/// - Dirty pages are never evicted. The owner writes them back itself, in rank order
+///   (`writeBack`), at flush or when `isOverBudget` says memory is tight. Rank encodes
+///   the write-back order the format needs, e.g. for QCOW2: refcount blocks (0) before
+///   the refcount table (1) before L2 tables (2) before the L1 table (3), with a
+///   stable-storage barrier between ranks.
+public final class MetadataCache: Sendable {
+    /// The cache every image uses unless told otherwise.
+    public static let shared = MetadataCache(budget: 32 << 20)
+
+    public struct Key: Hashable, Sendable {
+        let owner: UInt64
+        let offset: UInt64
+    }
+
+    /// One page. `bytes` belongs to the owner (see the type's comment).
+    public final class Page: @unchecked Sendable {
+        // Safe: `bytes` and `rank` are only touched by the owning layer under its own lock;
+        // `pins`, `dirty` and the LRU links only under the cache's lock.
+        public var bytes: [UInt8]
+        let key: Key
+        var pins = 0
+        var dirty = false
+        var rank = 0
+        var prev: Page?
+        var next: Page?
+        init(key: Key, bytes: [UInt8]) { self.key = key; self.bytes = bytes }
+    }
+
+    struct State {
+        var budget: Int
+        var used = 0
+        var pages: [Key: Page] = [:]
+        var dirty: [UInt64: [UInt64: Page]] = [:]  // owner -> offset -> page
+        var head: Page?  // most recently used
+        var tail: Page?  // least recently used
+        var hits: UInt64 = 0
+        var misses: UInt64 = 0
+        var peak = 0
+
+        mutating func unlink(_ p: Page) {
+            if let prev = p.prev { prev.next = p.next } else { head = p.next }
+            if let next = p.next { next.prev = p.prev } else { tail = p.prev }
+            p.prev = nil
+            p.next = nil
+        }
+        mutating func pushFront(_ p: Page) {
+            p.next = head
+            p.prev = nil
+            head?.prev = p
+            head = p
+            if tail == nil { tail = p }
+        }
+        mutating func remove(_ p: Page) {
+            unlink(p)
+            pages[p.key] = nil
+            used -= p.bytes.count
+        }
+        /// Evict clean, unpinned pages from the cold end until within budget.
+        mutating func evict() {
+            var cursor = tail
+            while used > budget, let p = cursor {
+                cursor = p.prev
+                if p.pins == 0 && !p.dirty { remove(p) }
+            }
+        }
+    }
+
+    private let state: Mutex<State>
+    private static let nextOwner = Atomic<UInt64>(1)
+
+    public init(budget: Int) {
+        state = Mutex(State(budget: max(budget, 64 << 10)))
+    }
+
+    /// A fresh owner id for an image layer.
+    public static func newOwner() -> UInt64 { nextOwner.add(1, ordering: .relaxed).oldValue }
+
+    public var budget: Int {
+        get { state.withLock { $0.budget } }
+    }
+
+    public func setBudget(_ bytes: Int) {
+        state.withLock { s in
+            s.budget = max(bytes, 64 << 10)
+            s.evict()
+        }
+    }
+
+    public struct Statistics: Sendable {
+        public var used: Int
+        public var peak: Int
+        public var pages: Int
+        public var hits: UInt64
+        public var misses: UInt64
+    }
+
+    public var statistics: Statistics {
+        state.withLock { Statistics(used: $0.used, peak: $0.peak, pages: $0.pages.count, hits: $0.hits, misses: $0.misses) }
+    }
+
+    /// Run `body` with the page at `offset` pinned, loading it with `load` on a miss.
+    /// The caller must hold its own lock (the owner's pages are its alone).
+    public func withPage<R>(owner: UInt64, offset: UInt64, load: () throws -> [UInt8],
+                            _ body: (Page) throws -> R) throws -> R {
+        let key = Key(owner: owner, offset: offset)
+        var page: Page? = state.withLock { s in
+            guard let p = s.pages[key] else { s.misses += 1; return nil }
+            s.hits += 1
+            p.pins += 1
+            s.unlink(p)
+            s.pushFront(p)
+            return p
+        }
+        if page == nil {
+            let bytes = try load()
+            page = state.withLock { s in
+                if let existing = s.pages[key] {
+                    existing.pins += 1
+                    return existing
+                }
+                let p = Page(key: key, bytes: bytes)
+                p.pins = 1
+                s.pages[key] = p
+                s.pushFront(p)
+                s.used += bytes.count
+                s.peak = max(s.peak, s.used)
+                s.evict()
+                return p
+            }
+        }
+        let p = page!
+        defer { state.withLock { _ = $0; p.pins -= 1 } }
+        return try body(p)
+    }
+
+    /// Put a page the owner has just created (a newly allocated table) into the cache,
+    /// replacing anything cached at that offset, and mark it dirty.
+    public func install(owner: UInt64, offset: UInt64, bytes: [UInt8], rank: Int) {
+        let key = Key(owner: owner, offset: offset)
+        state.withLock { s in
+            if let old = s.pages[key] {
+                s.remove(old)
+                s.dirty[owner]?[offset] = nil
+            }
+            let p = Page(key: key, bytes: bytes)
+            p.dirty = true
+            p.rank = rank
+            s.pages[key] = p
+            s.pushFront(p)
+            s.used += bytes.count
+            s.peak = max(s.peak, s.used)
+            s.dirty[owner, default: [:]][offset] = p
+            s.evict()
+        }
+    }
+
+    /// Mark a page changed; it will be written back in rank order.
+    public func markDirty(_ page: Page, rank: Int) {
+        state.withLock { s in
+            page.dirty = true
+            page.rank = rank
+            s.dirty[page.key.owner, default: [:]][page.key.offset] = page
+        }
+    }
+
+    /// Forget a cached page (the cluster it lived in was freed or now holds data).
+    public func invalidate(owner: UInt64, offset: UInt64) {
+        state.withLock { s in
+            let key = Key(owner: owner, offset: offset)
+            if let p = s.pages[key] {
+                s.dirty[owner]?[offset] = nil
+                if p.pins == 0 { s.remove(p) } else { s.pages[key] = nil; s.unlink(p); s.used -= p.bytes.count }
+            }
+        }
+    }
+
+    /// True when the owner has dirty pages and the cache is over budget: the owner should
+    /// write back now, at a point where its write order allows it.
+    public func isOverBudget(owner: UInt64) -> Bool {
+        state.withLock { s in s.used > s.budget && !(s.dirty[owner]?.isEmpty ?? true) }
+    }
+
+    public func hasDirtyPages(owner: UInt64) -> Bool {
+        state.withLock { !($0.dirty[owner]?.isEmpty ?? true) }
+    }
+
+    /// Write back the owner's dirty pages, lowest rank first, calling `barrier` between
+    /// ranks (and before the first, so data written before reaches storage before any
+    /// metadata that exposes it). `write` receives each page's offset and bytes.
+    public func writeBack(owner: UInt64, barrier: () throws -> Void,
+                          write: (UInt64, [UInt8]) throws -> Void) throws {
+        let dirty: [Page] = state.withLock { s in
+            let pages = Array((s.dirty[owner] ?? [:]).values)
+            for p in pages { p.pins += 1 }
+            return pages
+        }
+        if dirty.isEmpty { return }
+        defer { state.withLock { _ = $0; for p in dirty { p.pins -= 1 } } }
+        let byRank = Dictionary(grouping: dirty, by: { $0.rank }).sorted { $0.key < $1.key }
+        for (_, pages) in byRank {
+            try barrier()
+            for p in pages.sorted(by: { $0.key.offset < $1.key.offset }) {
+                try write(p.key.offset, p.bytes)
+                state.withLock { s in
+                    p.dirty = false
+                    s.dirty[owner]?[p.key.offset] = nil
+                }
+            }
+        }
+        state.withLock { $0.evict() }
+    }
+
+    /// Drop every page of an owner (after its final write-back, or to discard changes).
+    public func drop(owner: UInt64) {
+        state.withLock { s in
+            let keys = s.pages.keys.filter { $0.owner == owner }
+            for k in keys { if let p = s.pages[k] { s.remove(p) } }
+            s.dirty[owner] = nil
+        }
+    }
+}

@@ -1,0 +1,168 @@
+/// Cluster allocation and refcounts (qcow2 spec, "Host cluster management").
+///
+/// Refcount entries are `refcount_bits` wide, packed big-endian; entries narrower than
+/// a byte are packed from the least significant bit, as qemu does. All methods run
+/// under `lock`.
+extension QCOW2Layer {
+    var refcountsPerBlock: UInt64 { clusterSize * 8 / header.refcountBits }
+    var refcountTableEntries: UInt64 { UInt64(header.refcountTableClusters) * clusterSize / 8 }
+    var maxRefcount: UInt64 { header.refcountBits == 64 ? UInt64.max : (1 << header.refcountBits) - 1 }
+
+    func refcount(cluster c: UInt64) throws -> UInt64 {
+        let block = c / refcountsPerBlock
+        if block >= refcountTableEntries { return 0 }
+        let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
+        if blockOffset == 0 { return 0 }
+        let index = c % refcountsPerBlock
+        return try cache.withPage(owner: owner, offset: blockOffset, load: { try file.read(at: blockOffset, count: Int(clusterSize)) }) { p in
+            Self.getRefcount(p.bytes, index, header.refcountOrder)
+        }
+    }
+
+    static func getRefcount(_ b: [UInt8], _ i: UInt64, _ order: UInt32) -> UInt64 {
+        switch order {
+        case 0...2:
+            let bits = UInt64(1) << UInt64(order)
+            let perByte = 8 / bits
+            let byte = b[Int(i / perByte)]
+            return UInt64(byte >> UInt8((i % perByte) * bits)) & ((1 << bits) - 1)
+        default:
+            let width = Int(1 << (order - 3))
+            var v: UInt64 = 0
+            for k in 0..<width { v = v << 8 | UInt64(b[Int(i) * width + k]) }
+            return v
+        }
+    }
+
+    static func putRefcount(_ b: inout [UInt8], _ i: UInt64, _ order: UInt32, _ value: UInt64) {
+        switch order {
+        case 0...2:
+            let bits = UInt64(1) << UInt64(order)
+            let perByte = 8 / bits
+            let shift = UInt8((i % perByte) * bits)
+            let mask = UInt8((1 << bits) - 1) << shift
+            let idx = Int(i / perByte)
+            b[idx] = (b[idx] & ~mask) | (UInt8(value) << shift & mask)
+        default:
+            let width = Int(1 << (order - 3))
+            for k in 0..<width { b[Int(i) * width + k] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - k))) }
+        }
+    }
+
+    /// Set a cluster's refcount, creating refcount blocks (and growing the refcount
+    /// table) as needed. New refcount blocks go at the end of the file.
+    func setRefcount(cluster c: UInt64, _ value: UInt64) throws {
+        if value > maxRefcount {
+            throw ImageError(.unsupported, "refcount of cluster \(c) would exceed \(maxRefcount) (refcount_bits=\(header.refcountBits))", path: file.path)
+        }
+        let block = c / refcountsPerBlock
+        if block >= refcountTableEntries {
+            try growRefcountTable(toCover: block + 1)
+        }
+        var blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
+        if blockOffset == 0 {
+            if value == 0 { return }
+            blockOffset = endCluster * clusterSize
+            endCluster += 1
+            cache.install(owner: owner, offset: blockOffset, bytes: [UInt8](repeating: 0, count: Int(clusterSize)), rank: Self.rankRefcountBlock)
+            try setTableEntry(header.refcountTableOffset, block, blockOffset, rank: Self.rankRefcountTable)
+            try setRefcount(cluster: blockOffset / clusterSize, 1)
+        }
+        let index = c % refcountsPerBlock
+        try cache.withPage(owner: owner, offset: blockOffset, load: { try file.read(at: blockOffset, count: Int(clusterSize)) }) { p in
+            Self.putRefcount(&p.bytes, index, header.refcountOrder, value)
+            cache.markDirty(p, rank: Self.rankRefcountBlock)
+        }
+        if value == 0 && c < freeHint { freeHint = c }
+    }
+
+    /// Move the refcount table to a larger one at the end of the file.
+    func growRefcountTable(toCover blocks: UInt64) throws {
+        // Everything dirty reaches the disk first: the new table is written directly and
+        // must not point at refcount blocks that exist only in memory.
+        try flushLocked()
+        let oldOffset = header.refcountTableOffset
+        let oldClusters = UInt64(header.refcountTableClusters)
+        let oldEntries = refcountTableEntries
+        // Room for the blocks asked for, the table itself and its blocks, plus slack.
+        let wantEntries = max(blocks + blocks / 2 + 8, oldEntries * 2)
+        let newClusters = (wantEntries * 8).alignedUp(clusterSize) / clusterSize
+        guard newClusters <= 1 << 22 else {
+            throw ImageError(.unsupported, "refcount table would grow past \(newClusters) clusters", path: file.path)
+        }
+        let newOffset = endCluster * clusterSize
+        endCluster += newClusters
+        var table = [UInt8](repeating: 0, count: Int(newClusters * clusterSize))
+        for i in 0..<oldEntries {
+            table.putBE64(try tableEntry(oldOffset, i), at: Int(i * 8))
+        }
+        try file.write(table, at: newOffset)
+        try file.sync()
+        header.refcountTableOffset = newOffset
+        header.refcountTableClusters = UInt32(newClusters)
+        try writeHeaderFields()
+        try file.sync()
+        for k in 0..<oldClusters { cache.invalidate(owner: owner, offset: oldOffset + k * clusterSize) }
+        for k in 0..<newClusters { try setRefcount(cluster: newOffset / clusterSize + k, 1) }
+        for k in 0..<oldClusters { try setRefcount(cluster: oldOffset / clusterSize + k, 0) }
+    }
+
+    /// Allocate one cluster with refcount 1: the first free one at or after the hint,
+    /// else a new one at the end of the file.
+    func allocateCluster() throws -> UInt64 {
+        var c = freeHint
+        while c < endCluster {
+            if try refcount(cluster: c) == 0 { break }
+            c += 1
+        }
+        if c >= endCluster {
+            c = endCluster
+            endCluster += 1
+        }
+        freeHint = c + 1
+        try setRefcount(cluster: c, 1)
+        let offset = c * clusterSize
+        cache.invalidate(owner: owner, offset: offset)
+        return offset
+    }
+
+    /// Allocate `n` contiguous clusters at the end of the file.
+    func allocateContiguous(_ n: UInt64) throws -> UInt64 {
+        let start = endCluster
+        endCluster += n
+        for k in 0..<n { try setRefcount(cluster: start + k, 1) }
+        return start * clusterSize
+    }
+
+    /// Drop one reference from every cluster touched by a host range; clusters that
+    /// reach zero are punched out of the file.
+    func freeRange(_ offset: UInt64, _ length: UInt64) throws {
+        if length == 0 { return }
+        let first = offset / clusterSize
+        let last = (offset + length - 1) / clusterSize
+        for c in first...last {
+            let rc = try refcount(cluster: c)
+            if rc == 0 {
+                throw ImageError(.corrupt, "freeing cluster \(c) whose refcount is already 0; run 'vloop check -r all'", path: file.path)
+            }
+            try setRefcount(cluster: c, rc - 1)
+            if rc == 1 {
+                cache.invalidate(owner: owner, offset: c * clusterSize)
+                file.punchHole(at: c * clusterSize, length: clusterSize)
+            }
+        }
+    }
+
+    /// Release the host space an L2 entry holds (under `lock`, with no I/O in flight, or
+    /// deferred).
+    func releaseEntry(_ e: L2Entry, deferred: Bool) throws {
+        var range: (UInt64, UInt64)?
+        if e.isCompressed {
+            range = compressedRange(e.raw)
+        } else if e.hostOffset != 0 && !externalData {
+            range = (e.hostOffset, clusterSize)
+        }
+        guard let (off, len) = range else { return }
+        if deferred { deferredFrees.append((off, len)) } else { try freeRange(off, len) }
+    }
+}

@@ -1,0 +1,334 @@
+/// A QCOW2 layer (v2 and v3): L1/L2 mapping with standard or extended (subcluster) L2
+/// entries, zero clusters, compressed clusters (zlib, zstd), external data files,
+/// refcounts of 1 to 64 bits, internal snapshots.
+///
+/// Every table (L1, L2, refcount table, refcount blocks) is read in cluster-sized pages
+/// through the shared `MetadataCache`; nothing is held whole. Write-back ranks, lowest
+/// first, with a storage barrier before each rank:
+///
+///     data clusters (written directly) → 0 refcount blocks → 1 refcount table
+///                                      → 2 L2 tables → 3 L1 table
+///
+/// so a crash can leak clusters but never expose a cluster whose data or refcount has
+/// not reached the disk.
+public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
+    // Safe: the mutable properties below (header, endCluster, freeHint, deferredFrees,
+    // lastDecompressed) are guarded by `lock`; `allocLock` only orders allocating writes.
+
+    static let rankRefcountBlock = 0
+    static let rankRefcountTable = 1
+    static let rankL2 = 2
+    static let rankL1 = 3
+
+    let file: HostFile
+    let dataFile: HostFile
+    let cache: MetadataCache
+    let owner = MetadataCache.newOwner()
+    let writable: Bool
+    let lock = Lock()
+    let allocLock = Lock()
+
+    var header: QCOW2Header
+    /// First cluster index past everything allocated: new metadata goes here.
+    var endCluster: UInt64
+    /// Lowest cluster index that may be free.
+    var freeHint: UInt64 = 0
+    /// Host ranges whose references were dropped by writes; released with no I/O in flight.
+    var deferredFrees: [(offset: UInt64, length: UInt64)] = []
+    private var lastDecompressed: (token: UInt64, bytes: [UInt8])?
+
+    var clusterSize: UInt64 { header.clusterSize }
+    var externalData: Bool { dataFile !== file }
+
+    init(file: HostFile, header: QCOW2Header, dataFile: HostFile?, context: OpenContext) throws {
+        self.file = file
+        self.header = header
+        self.dataFile = dataFile ?? file
+        self.cache = context.cache
+        self.writable = context.writable
+        self.endCluster = (try file.size()).alignedUp(header.clusterSize) / header.clusterSize
+    }
+
+    /// Open a QCOW2 image: parse, validate, and (read-write) repair a dirty image.
+    public static func open(file: HostFile, context: OpenContext) throws -> QCOW2Layer {
+        let fileSize = try file.size()
+        var first = try file.read(at: 0, count: 4096)
+        let clusterBits = ByteReader(first).be32(20)
+        if clusterBits > 12 && clusterBits <= 21 {
+            first = try file.read(at: 0, count: 1 << Int(clusterBits))
+        }
+        let header = try QCOW2Header.parse(first, fileSize: fileSize)
+        if header.isCorrupt && context.writable {
+            throw ImageError(.corrupt, "image is marked corrupt; open it read-only, or repair it with 'vloop check -r all \(file.path)'",
+                             path: file.path, format: "qcow2")
+        }
+        var dataFile: HostFile?
+        if header.hasDataFile {
+            guard let name = header.dataFile, !name.isEmpty else {
+                throw ImageError(.corrupt, "image needs an external data file but does not name one", path: file.path)
+            }
+            dataFile = try context.openAuxiliary(name, context.writable)
+        }
+        let layer = try QCOW2Layer(file: file, header: header, dataFile: dataFile, context: context)
+        if context.writable {
+            try layer.prepareForWriting()
+        }
+        return layer
+    }
+
+    /// Read-write open: rebuild refcounts of a dirty (lazy-refcount) image, and clear
+    /// autoclear bits for structures this implementation does not keep up to date.
+    private func prepareForWriting() throws {
+        try lock.run {
+            if header.isDirty {
+                _ = try checkLocked(repair: .all)
+                header.incompatibleFeatures &= ~QCOW2Header.incompatDirty
+            }
+            // Persistent bitmaps are not updated by our writes: the spec's autoclear rule
+            // says a writer that does not maintain them clears their bit, so qemu later
+            // sees them as inconsistent instead of trusting stale bits.
+            header.autoclearFeatures &= QCOW2Header.autoclearDataFileRaw
+            try writeHeaderFields()
+        }
+    }
+
+    public var layerInfo: ImageInfo {
+        lock.run {
+            var caps: Capabilities = [.discard, .efficientZero, .resize, .snapshots]
+            if writable { caps.insert(.writable) }
+            var specific: [(String, JSONValue)] = [("compat", .string(header.version >= 3 ? "1.1" : "0.10"))]
+            if header.version >= 3 {
+                specific.append(("compression-type", .string(header.compressionType == 1 ? "zstd" : "zlib")))
+                specific.append(("lazy-refcounts", .bool(header.lazyRefcounts)))
+                specific.append(("refcount-bits", .uint(header.refcountBits)))
+                specific.append(("corrupt", .bool(header.isCorrupt)))
+                specific.append(("extended-l2", .bool(header.extendedL2)))
+                if let df = header.dataFile {
+                    specific.append(("data-file", .string(df)))
+                    specific.append(("data-file-raw", .bool(header.dataFileRaw)))
+                }
+            }
+            let backing = header.backingFile.map { BackingReference(name: $0, format: header.backingFormat) }
+            return ImageInfo(format: "qcow2", virtualSize: header.size, clusterSize: clusterSize, capabilities: caps,
+                             backing: backing, path: file.path, dirty: header.isDirty, formatSpecific: specific)
+        }
+    }
+
+    // MARK: tables through the cache
+
+    /// Read the 64-bit big-endian entry `index` of the table at `table`.
+    func tableEntry(_ table: UInt64, _ index: UInt64) throws -> UInt64 {
+        let pos = table + index * 8
+        let page = pos.alignedDown(clusterSize)
+        let within = Int(pos - page)
+        return try cache.withPage(owner: owner, offset: page, load: { try file.read(at: page, count: Int(clusterSize)) }) { p in
+            ByteReader(p.bytes).be64(within)
+        }
+    }
+
+    func setTableEntry(_ table: UInt64, _ index: UInt64, _ value: UInt64, rank: Int) throws {
+        let pos = table + index * 8
+        let page = pos.alignedDown(clusterSize)
+        let within = Int(pos - page)
+        try cache.withPage(owner: owner, offset: page, load: { try file.read(at: page, count: Int(clusterSize)) }) { p in
+            p.bytes.putBE64(value, at: within)
+            cache.markDirty(p, rank: rank)
+        }
+    }
+
+    /// L2 table offset for L1 index `i` in the L1 table at `l1` (0 when unallocated).
+    func l2TableOffset(l1: UInt64, _ i: UInt64) throws -> (offset: UInt64, copied: Bool) {
+        let e = try tableEntry(l1, i)
+        let off = e & L2Entry.offsetMask
+        if off % clusterSize != 0 {
+            throw ImageError(.corrupt, "L1 entry \(i) points to unaligned L2 table at \(off); run 'vloop check -r all'", path: file.path)
+        }
+        return (off, e & L2Entry.copied != 0)
+    }
+
+    /// The L2 entry for a guest cluster in the active table (entry 0 when no L2 table).
+    func l2Entry(guestCluster c: UInt64) throws -> L2Entry {
+        let (l2, _) = try l2TableOffset(l1: header.l1TableOffset, c / header.l2Entries)
+        if l2 == 0 { return L2Entry(raw: 0, bitmap: 0) }
+        return try l2Entry(table: l2, index: c % header.l2Entries)
+    }
+
+    func l2Entry(table l2: UInt64, index: UInt64) throws -> L2Entry {
+        if header.extendedL2 {
+            return L2Entry(raw: try tableEntry(l2, index * 2), bitmap: try tableEntry(l2, index * 2 + 1))
+        }
+        return L2Entry(raw: try tableEntry(l2, index), bitmap: 0)
+    }
+
+    func writeHeaderFields() throws {
+        let bytes = header.fixedFields()
+        try file.write(bytes, at: 0)
+    }
+
+    // MARK: mapping
+
+    /// State of one subcluster (or whole cluster without extended L2).
+    enum UnitState { case data(UInt64), zero, unallocated, compressed(UInt64) }
+
+    /// Classify the `sub`th subcluster of a cluster with entry `e`.
+    func unitState(_ e: L2Entry, sub: UInt64) throws -> UnitState {
+        if e.isCompressed { return .compressed(e.raw) }
+        let host = e.hostOffset
+        if header.extendedL2 {
+            let alloc = e.bitmap >> sub & 1 != 0
+            let zero = e.bitmap >> (32 + sub) & 1 != 0
+            if alloc && zero {
+                throw ImageError(.corrupt, "subcluster both allocated and zero (L2 bitmap \(String(e.bitmap, radix: 16))); run 'vloop check -r all'", path: file.path)
+            }
+            if zero { return .zero }
+            if alloc {
+                if host == 0 && !externalData { throw ImageError(.corrupt, "allocated subcluster without a host cluster", path: file.path) }
+                return .data(host + sub * (clusterSize / 32))
+            }
+            return .unallocated
+        }
+        if e.raw & L2Entry.zeroFlag != 0 { return .zero }
+        if host != 0 || (externalData && e.raw & L2Entry.copied != 0) { return .data(host) }
+        return .unallocated
+    }
+
+    public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
+        try lock.run { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
+    }
+
+    func mapLocked(l1: UInt64, at offset: UInt64, length: UInt64) throws -> [LayerRun] {
+        var runs: [LayerRun] = []
+        let end = offset + length
+        let units = header.subclustersPerCluster
+        let unitSize = clusterSize / units
+        var pos = offset
+        func add(_ len: UInt64, _ kind: LayerRun.Kind) {
+            if var last = runs.last, last.end == pos {
+                switch (last.kind, kind) {
+                case (.zero, .zero), (.unallocated, .unallocated):
+                    last.length += len; runs[runs.count - 1] = last; return
+                case let (.stored(f1, h1), .stored(f2, h2)) where f1 === f2 && h1 + last.length == h2:
+                    last.length += len; runs[runs.count - 1] = last; return
+                case let (.encoded(t1), .encoded(t2)) where t1 == t2:
+                    last.length += len; runs[runs.count - 1] = last; return
+                default: break
+                }
+            }
+            runs.append(LayerRun(offset: pos, length: len, kind: kind))
+        }
+        while pos < end {
+            let cluster = pos / clusterSize
+            let l1Index = cluster / header.l2Entries
+            let (l2, _) = try l2TableOffset(l1: l1, l1Index)
+            // All clusters this L2 table covers within the request.
+            let tableEnd = min(end, (l1Index + 1) * header.l2Entries * clusterSize)
+            if l2 == 0 {
+                add(tableEnd - pos, .unallocated)
+                pos = tableEnd
+                continue
+            }
+            while pos < tableEnd {
+                let c = pos / clusterSize
+                let e = try l2Entry(table: l2, index: c % header.l2Entries)
+                let sub = (pos % clusterSize) / unitSize
+                let unitEnd = min(tableEnd, c * clusterSize + (sub + 1) * unitSize)
+                let len = unitEnd - pos
+                switch try unitState(e, sub: sub) {
+                case .data(let host):
+                    try checkHost(host, e)
+                    add(len, .stored(file: dataFile, hostOffset: host + (pos - c * clusterSize - sub * unitSize)))
+                case .zero: add(len, .zero)
+                case .unallocated: add(len, .unallocated)
+                case .compressed(let token): add(len, .encoded(token: token))
+                }
+                pos = unitEnd
+            }
+        }
+        return runs
+    }
+
+    private func checkHost(_ host: UInt64, _ e: L2Entry) throws {
+        if host % clusterSize != 0 && !header.extendedL2 {
+            throw ImageError(.corrupt, "L2 entry \(String(e.raw, radix: 16)) points to unaligned cluster \(host); run 'vloop check -r all'", path: file.path)
+        }
+    }
+
+    // MARK: compressed clusters
+
+    /// Host range of a compressed cluster descriptor (qcow2 spec, "Compressed Clusters Descriptor").
+    func compressedRange(_ token: UInt64) -> (offset: UInt64, length: UInt64) {
+        let x = 62 - (UInt64(header.clusterBits) - 8)
+        let offset = token & ((1 << x) - 1)
+        let sectors = (token >> x) & ((1 << (62 - x)) - 1)
+        let length = (sectors + 1) * 512 - (offset & 511)
+        return (offset, length)
+    }
+
+    func decompress(_ token: UInt64) throws -> [UInt8] {
+        if let cached = lock.run({ lastDecompressed }), cached.token == token { return cached.bytes }
+        let (off, len) = compressedRange(token)
+        let capped = min(len, clusterSize * 2 + 512)
+        let input = try file.read(at: off, count: Int(capped))
+        var out = [UInt8](repeating: 0, count: Int(clusterSize))
+        let n = input.withUnsafeBytes { src in
+            out.withUnsafeMutableBytes { dst in
+                header.compressionType == 1
+                    ? vlZstdDecompress(src, dst)
+                    : vlInflate(src, dst)
+            }
+        }
+        if n != Int(clusterSize) {
+            throw ImageError(.corrupt, "compressed cluster at \(off) does not decompress (\(header.compressionType == 1 ? "zstd" : "zlib")); run 'vloop check'", path: file.path, offset: off)
+        }
+        lock.run { lastDecompressed = (token, out) }
+        return out
+    }
+
+    public func readEncoded(token: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let bytes = try decompress(token)
+        let start = Int(offset % clusterSize)
+        bytes.withUnsafeBytes { src in
+            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[start..<(start + buffer.count)]))
+        }
+    }
+
+    // MARK: flush / close
+
+    public func flush() throws {
+        try lock.run { try flushLocked() }
+    }
+
+    func flushLocked() throws {
+        if externalData { try dataFile.sync() }
+        try cache.writeBack(owner: owner, barrier: { try file.sync() }, write: { off, bytes in try file.write(bytes, at: off) })
+        try file.sync()
+    }
+
+    public func close() throws {
+        if writable {
+            try releaseDeferredFrees()
+            try flush()
+        }
+        cache.drop(owner: owner)
+    }
+
+    public var hasDeferredFrees: Bool { lock.run { !deferredFrees.isEmpty } }
+
+    public func releaseDeferredFrees() throws {
+        try lock.run {
+            let frees = deferredFrees
+            deferredFrees = []
+            for f in frees { try freeRange(f.offset, f.length) }
+        }
+    }
+}
+
+func vlInflate(_ src: UnsafeRawBufferPointer, _ dst: UnsafeMutableRawBufferPointer) -> Int {
+    Int(vl_inflate_raw(src.baseAddress, src.count, dst.baseAddress, dst.count))
+}
+
+func vlZstdDecompress(_ src: UnsafeRawBufferPointer, _ dst: UnsafeMutableRawBufferPointer) -> Int {
+    Int(vl_zstd_decompress_stream(src.baseAddress, src.count, dst.baseAddress, dst.count))
+}
+
+import CVloop

@@ -1,0 +1,255 @@
+/// The QCOW2 write path: in-place writes to clusters this image owns alone, allocating
+/// writes with copy-on-write of the unit's uncovered parts, zero writes and discards.
+extension QCOW2Layer {
+    var unitSize: UInt64 { clusterSize / header.subclustersPerCluster }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, below: BelowReader) throws {
+        let end = offset + UInt64(data.count)
+        var pos = offset
+        while pos < end {
+            // Fast path: clusters already allocated here, owned alone (copied flag), and
+            // every touched subcluster holding data — written in place, lock released.
+            let direct = try lock.run { try directTargets(from: pos, to: end) }
+            for (guest, host, len) in direct {
+                let start = Int(guest - offset)
+                try dataFile.write(UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(len))]), at: host)
+                pos = guest + len
+            }
+            if pos >= end { break }
+            let chunkEnd = min(end, (pos / clusterSize + 1) * clusterSize)
+            let start = Int(pos - offset)
+            try allocLock.run {
+                try writeAllocating(UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(chunkEnd - pos))]),
+                                    at: pos, below: below)
+            }
+            pos = chunkEnd
+        }
+        if cache.isOverBudget(owner: owner) { try lock.run { try flushLocked() } }
+    }
+
+    /// Contiguous writable host runs from `pos`, stopping at the first cluster that needs
+    /// allocation or copy-on-write.
+    private func directTargets(from start: UInt64, to end: UInt64) throws -> [(UInt64, UInt64, UInt64)] {
+        var out: [(UInt64, UInt64, UInt64)] = []
+        var pos = start
+        while pos < end {
+            let c = pos / clusterSize
+            let e = try l2Entry(guestCluster: c)
+            guard !e.isCompressed, e.isCopied || externalData else { break }
+            let chunkEnd = min(end, (c + 1) * clusterSize)
+            if header.extendedL2 {
+                let first = (pos % clusterSize) / unitSize
+                let last = (chunkEnd - 1 - c * clusterSize) / unitSize
+                let mask = (UInt64(1) << (last + 1)) - (UInt64(1) << first)
+                guard e.bitmap & mask == mask, e.hostOffset != 0 || externalData else { break }
+            } else {
+                guard e.raw & L2Entry.zeroFlag == 0, e.hostOffset != 0 || externalData else { break }
+            }
+            let host = (externalData && header.dataFileRaw ? c * clusterSize : e.hostOffset) + pos - c * clusterSize
+            if let last = out.last, last.0 + last.2 == pos, last.1 + last.2 == host {
+                out[out.count - 1].2 += chunkEnd - pos
+            } else {
+                out.append((pos, host, chunkEnd - pos))
+            }
+            pos = chunkEnd
+        }
+        return out
+    }
+
+    /// Fill `buffer` (guest bytes at `offset`, within one cluster with entry `e`) with what
+    /// this layer shows there now.
+    func currentView(_ e: L2Entry, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, below: BelowReader) throws {
+        let c = offset / clusterSize
+        var pos = offset
+        let end = offset + UInt64(buffer.count)
+        while pos < end {
+            let sub = (pos - c * clusterSize) / unitSize
+            let unitEnd = min(end, c * clusterSize + (sub + 1) * unitSize)
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(pos - offset)..<Int(unitEnd - offset)])
+            switch try lock.run({ try unitState(e, sub: sub) }) {
+            case .data(let host):
+                let h = (externalData && header.dataFileRaw ? c * clusterSize + sub * unitSize : host)
+                try dataFile.read(into: part, at: h + (pos - c * clusterSize - sub * unitSize))
+            case .zero:
+                part.initializeMemory(as: UInt8.self, repeating: 0)
+            case .unallocated:
+                try below(pos, part)
+            case .compressed(let token):
+                try readEncoded(token: token, at: pos, into: part)
+            }
+            pos = unitEnd
+        }
+    }
+
+    /// Write within one cluster where the fast path could not: allocate, or copy on write.
+    /// Runs under `allocLock`; `lock` is taken only around metadata changes.
+    private func writeAllocating(_ data: UnsafeRawBufferPointer, at pos: UInt64, below: BelowReader) throws {
+        let c = pos / clusterSize
+        let clusterStart = c * clusterSize
+        let e = try lock.run { try l2Entry(guestCluster: c) }
+        let ownsCluster = !e.isCompressed && (e.isCopied || externalData) && (e.hostOffset != 0 || externalData)
+
+        // Units (subclusters) the write touches; for standard L2 the whole cluster.
+        let firstUnit = (pos - clusterStart) / unitSize
+        let lastUnit = (pos + UInt64(data.count) - 1 - clusterStart) / unitSize
+        let (spanStart, spanEnd): (UInt64, UInt64)
+        if ownsCluster || (header.extendedL2 && !e.isCompressed && e.hostOffset == 0) {
+            // In place, or a fresh extended-L2 cluster: only touched units are written.
+            spanStart = clusterStart + firstUnit * unitSize
+            spanEnd = clusterStart + (lastUnit + 1) * unitSize
+        } else {
+            // New host cluster replacing a shared, compressed or unallocated one: the whole
+            // cluster is written (its current view plus the new data).
+            spanStart = clusterStart
+            spanEnd = clusterStart + clusterSize
+        }
+        var buffer = [UInt8](repeating: 0, count: Int(spanEnd - spanStart))
+        try buffer.withUnsafeMutableBytes { buf in
+            try currentView(e, at: spanStart, into: buf, below: below)
+            let at = Int(pos - spanStart)
+            UnsafeMutableRawBufferPointer(rebasing: buf[at..<(at + data.count)]).copyMemory(from: data)
+        }
+
+        var host: UInt64
+        if ownsCluster {
+            host = externalData && header.dataFileRaw ? clusterStart : e.hostOffset
+            if externalData && e.hostOffset == 0 { host = clusterStart }
+        } else if externalData {
+            host = clusterStart
+        } else {
+            host = try lock.run { try allocateCluster() }
+        }
+        try dataFile.write(buffer, at: host + (spanStart - clusterStart))
+
+        // Data is written; now expose it.
+        try lock.run {
+            var new = L2Entry(raw: (externalData ? clusterStart : host) | L2Entry.copied, bitmap: e.bitmap)
+            if header.extendedL2 {
+                let units = (spanEnd - spanStart) / unitSize
+                let first = (spanStart - clusterStart) / unitSize
+                let mask = units >= 64 ? UInt64.max : ((UInt64(1) << units) - 1) << first
+                if e.isCompressed || !ownsCluster && e.hostOffset != 0 {
+                    new.bitmap = 0xffff_ffff  // whole cluster rewritten with its current view
+                } else {
+                    new.bitmap = (e.bitmap | mask) & ~(mask << 32)
+                }
+            }
+            try setL2Entry(guestCluster: c, new)
+            if !ownsCluster { try releaseEntry(e, deferred: true) }
+        }
+    }
+
+    /// Store an L2 entry, allocating or copying the L2 table first when needed.
+    func setL2Entry(guestCluster c: UInt64, _ e: L2Entry) throws {
+        let l2 = try writableL2Table(l1Index: c / header.l2Entries)
+        let i = c % header.l2Entries
+        if header.extendedL2 {
+            try setTableEntry(l2, i * 2, e.raw, rank: Self.rankL2)
+            try setTableEntry(l2, i * 2 + 1, e.bitmap, rank: Self.rankL2)
+        } else {
+            try setTableEntry(l2, i, e.raw, rank: Self.rankL2)
+        }
+    }
+
+    /// The L2 table for an L1 index, allocated (zeroed) or copied (when shared with a
+    /// snapshot) so this image owns it alone.
+    func writableL2Table(l1Index: UInt64) throws -> UInt64 {
+        let (old, copied) = try l2TableOffset(l1: header.l1TableOffset, l1Index)
+        if old != 0 && copied { return old }
+        let new = try allocateCluster()
+        var bytes = [UInt8](repeating: 0, count: Int(clusterSize))
+        if old != 0 {
+            bytes = try cache.withPage(owner: owner, offset: old, load: { try file.read(at: old, count: Int(clusterSize)) }) { $0.bytes }
+            // Entries in the copy keep their data clusters; their refcounts already count
+            // the snapshot's reference, so the copy's entries are not "copied".
+            let step = Int(header.l2EntrySize)
+            for k in stride(from: 0, to: bytes.count, by: step) {
+                let raw = ByteReader(bytes).be64(k)
+                if raw & L2Entry.compressed == 0 && raw & L2Entry.offsetMask != 0 {
+                    let rc = try refcount(cluster: (raw & L2Entry.offsetMask) / clusterSize)
+                    bytes.putBE64(rc == 1 ? raw | L2Entry.copied : raw & ~L2Entry.copied, at: k)
+                }
+            }
+        }
+        cache.install(owner: owner, offset: new, bytes: bytes, rank: Self.rankL2)
+        try setTableEntry(header.l1TableOffset, l1Index, new | L2Entry.copied, rank: Self.rankL1)
+        if old != 0 { deferredFrees.append((old, clusterSize)) }
+        return new
+    }
+
+    // MARK: zeroes and discard
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, hasBacking: Bool, below: BelowReader) throws {
+        let end = offset + length
+        var pos = offset
+        while pos < end {
+            let c = pos / clusterSize
+            let clusterEnd = min(end, (c + 1) * clusterSize)
+            let whole = pos == c * clusterSize && (clusterEnd == (c + 1) * clusterSize || clusterEnd == header.size)
+            let done = whole ? try allocLock.run { try lock.run { try zeroCluster(c, mayUnmap: mayUnmap, hasBacking: hasBacking) } } : false
+            if !done {
+                try writeZeroBytes(at: pos, length: clusterEnd - pos, below: below)
+            }
+            pos = clusterEnd
+        }
+        if cache.isOverBudget(owner: owner) { try lock.run { try flushLocked() } }
+    }
+
+    private func writeZeroBytes(at offset: UInt64, length: UInt64, below: BelowReader) throws {
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(ZeroBuffer.size), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: ZeroBuffer.pointer[0..<n]), at: offset + done, below: below)
+            done += UInt64(n)
+        }
+    }
+
+    /// Make a whole cluster read as zeroes through metadata alone. Returns false when the
+    /// format cannot (v2 with a backing file): the caller writes zero bytes.
+    private func zeroCluster(_ c: UInt64, mayUnmap: Bool, hasBacking: Bool) throws -> Bool {
+        let e = try l2Entry(guestCluster: c)
+        let unallocated = e.raw == 0 && e.bitmap & 0xffff_ffff == 0
+        if unallocated && !hasBacking { return true }  // reads as zeroes already: allocate nothing
+        if header.version < 3 {
+            if hasBacking { return false }
+            try setL2Entry(guestCluster: c, L2Entry(raw: 0, bitmap: 0))
+            try releaseEntry(e, deferred: false)
+            return true
+        }
+        let keep = !mayUnmap && !e.isCompressed && e.isCopied && e.hostOffset != 0 && !externalData
+        var new: L2Entry
+        if header.extendedL2 {
+            new = L2Entry(raw: keep ? e.raw : 0, bitmap: 0xffff_ffff_0000_0000)
+        } else {
+            new = L2Entry(raw: keep ? e.raw | L2Entry.zeroFlag : L2Entry.zeroFlag, bitmap: 0)
+        }
+        if !hasBacking && !keep { new = L2Entry(raw: 0, bitmap: 0) }
+        try setL2Entry(guestCluster: c, new)
+        if !keep { try releaseEntry(e, deferred: false) }
+        if externalData && !keep { dataFile.punchHole(at: c * clusterSize, length: clusterSize) }
+        return true
+    }
+
+    public func discard(at offset: UInt64, length: UInt64, hasBacking: Bool) throws {
+        let first = offset.alignedUp(clusterSize) / clusterSize
+        var lastEnd = (offset + length) / clusterSize
+        if offset + length == header.size { lastEnd = (offset + length).alignedUp(clusterSize) / clusterSize }
+        guard first < lastEnd else { return }
+        try allocLock.run {
+            try lock.run {
+                for c in first..<lastEnd {
+                    let e = try l2Entry(guestCluster: c)
+                    if e.raw == 0 && e.bitmap == 0 { continue }
+                    // Discarded clusters read as zeroes (v3) rather than exposing old
+                    // backing data; without a backing file unallocated reads as zeroes.
+                    let new = (hasBacking && header.version >= 3)
+                        ? L2Entry(raw: header.extendedL2 ? 0 : L2Entry.zeroFlag, bitmap: header.extendedL2 ? 0xffff_ffff_0000_0000 : 0)
+                        : L2Entry(raw: 0, bitmap: 0)
+                    try setL2Entry(guestCluster: c, new)
+                    try releaseEntry(e, deferred: false)
+                    if externalData { dataFile.punchHole(at: c * clusterSize, length: clusterSize) }
+                }
+            }
+        }
+    }
+}

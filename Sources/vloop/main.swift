@@ -1,0 +1,2 @@
+import VirtualDisk
+print(ImageFormat.qcow2)
