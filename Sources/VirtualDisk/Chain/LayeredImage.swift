@@ -1,3 +1,5 @@
+import Synchronization
+
 /// A format layer over an optional backing image: the `DiskImage` every format is
 /// served as. Read-through to the backing image and the copy-on-write fill of partial
 /// units live here once, for every format and any mix of formats in a chain.
@@ -5,6 +7,7 @@ public final class LayeredImage: DiskImage {
     public let layer: FormatLayer
     public let backingImage: DiskImage?
     private let ioLock = RWLock()
+    private let closed = Atomic<Bool>(false)
     /// Extra cleanup when closing (image locks, backing handles).
     private let onClose: @Sendable () -> Void
 
@@ -132,7 +135,8 @@ public final class LayeredImage: DiskImage {
                     }
                 }
                 if insideEnd < run.end {
-                    out.append(Extent(offset: insideEnd, length: run.end - insideEnd, kind: .unallocated, depth: 1))
+                    // Past the backing file's end this layer answers: zeroes (qemu reports the same depth).
+                    out.append(Extent(offset: insideEnd, length: run.end - insideEnd, kind: .unallocated, depth: 0))
                 }
             }
         }
@@ -146,6 +150,8 @@ public final class LayeredImage: DiskImage {
     }
 
     public func close() throws {
+        // Closing twice is harmless: the second call does nothing.
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         defer { onClose() }
         var firstError: Error?
         do { try layer.close() } catch { firstError = error }

@@ -51,6 +51,11 @@ public enum ImageLock {
         }
     }
 
+    /// Drop every lock this open file description holds on the image.
+    public static func release(_ file: HostFile) {
+        _ = vl_ofd_lock(file.fd, permBase, sharedBase + 100 - permBase, 0, 1)
+    }
+
     private static func test(_ file: HostFile, _ byte: Int64, _ what: String) throws {
         var pid: Int32 = -1
         let r = vl_ofd_test(file.fd, byte, 1, 1, &pid)

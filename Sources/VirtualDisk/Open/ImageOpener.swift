@@ -116,7 +116,7 @@ public enum ImageOpener {
                 throw ImageError(.chain, "backing file '\(ref.name)' not found (looked for \(resolved)); restore it or rebase with 'vloop rebase -u -b NEW \(path)'", path: path)
             }
         }
-        return LayeredImage(layer: layer, backing: backing)
+        return LayeredImage(layer: layer, backing: backing, onClose: { ImageLock.release(file) })
     }
 }
 
@@ -128,6 +128,31 @@ public enum FormatRegistry {
         case .qcow2: return try QCOW2Layer.open(file: file, context: context)
         default:
             throw ImageError(.unsupported, "\(format.rawValue) images are not supported by this version of vloop", format: format.rawValue)
+        }
+    }
+}
+
+extension ImageOpener {
+    /// Open an image read-write over its backing file opened read-write too (commit).
+    public static func openForCommit(_ path: String, format: ImageFormat?, backingFormat: ImageFormat?) throws -> DiskImage {
+        var topOptions = OpenOptions(format: format, writable: true)
+        topOptions.noBacking = true
+        topOptions.userNamed = [path]
+        let topOnly = try open(path, options: topOptions)
+        guard let ref = topOnly.info.backing, let layered = topOnly as? LayeredImage else {
+            try topOnly.close()
+            throw ImageError(.invalidArgument, "image has no backing file to commit into", path: path)
+        }
+        do {
+            try vet(name: ref.name, foundIn: path, options: topOptions)
+            var o = OpenOptions(format: backingFormat, writable: true)
+            o.userNamed = []
+            let base = try open(resolve(ref.name, relativeTo: path), options: o)
+            let file = (layered.layer as? QCOW2Layer)?.file
+            return LayeredImage(layer: layered.layer, backing: base, onClose: { if let file { ImageLock.release(file) } })
+        } catch {
+            try? topOnly.close()
+            throw error
         }
     }
 }

@@ -39,7 +39,6 @@ extension QCOW2Layer {
             ref(header.snapshotsOffset, snapshotTableSize(snaps), "snapshot table")
             for s in snaps { l1Tables.append((s.l1TableOffset, UInt64(s.l1Size), false)) }
         }
-        var seenL2: Set<UInt64> = []
         for t in l1Tables {
             ref(t.offset, t.size * 8, "L1 table")
             for i in 0..<t.size {
@@ -50,8 +49,9 @@ extension QCOW2Layer {
                     report.corruptions.append("L1 entry \(i) points to unaligned L2 table \(l2)")
                     continue
                 }
+                // Counted per L1 table that reaches it, shared or not: a snapshot
+                // holds one reference to each L2 table and data cluster it reaches.
                 ref(l2, clusterSize, "L2 table")
-                if !seenL2.insert(l2).inserted { continue }
                 for j in 0..<header.l2Entries {
                     let e = try l2Entry(table: l2, index: j)
                     if e.isCompressed {

@@ -76,9 +76,10 @@ extension QCOW2Layer {
         h.l1TableOffset = 0
 
         let file = try HostFile(path: path, writable: true, create: true, truncate: true)
-        var head = try h.serialize()
-        // Placeholders: L1 at cluster 3 for now (fixed below once allocated).
-        head.putBE64(0, at: 40)
+        let head = try h.serialize()
+        // serialize() placed the backing name: keep its position for later header updates.
+        h.backingFileOffset = ByteReader(head).be64(8)
+        h.backingFileSize = ByteReader(head).be32(16)
         try file.write(head, at: 0)
         var rt = [UInt8](repeating: 0, count: Int(cs))
         rt.putBE64(2 * cs, at: 0)

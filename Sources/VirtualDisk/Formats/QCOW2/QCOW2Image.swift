@@ -36,6 +36,8 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     /// Host ranges whose references were dropped by writes; released with no I/O in flight.
     var deferredFrees: [(offset: UInt64, length: UInt64)] = []
     private var lastDecompressed: (token: UInt64, bytes: [UInt8])?
+    /// Where the next compressed cluster may be packed (convert -c).
+    var compressedCursor: UInt64?
 
     var clusterSize: UInt64 { header.clusterSize }
     var externalData: Bool { dataFile !== file }
@@ -315,11 +317,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     public var hasDeferredFrees: Bool { lock.run { !deferredFrees.isEmpty } }
 
     public func releaseDeferredFrees() throws {
-        try lock.run {
-            let frees = deferredFrees
-            deferredFrees = []
-            for f in frees { try freeRange(f.offset, f.length) }
-        }
+        try lock.run { try releaseDeferredFreesLocked() }
     }
 }
 

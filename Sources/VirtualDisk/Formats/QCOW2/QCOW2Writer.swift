@@ -35,7 +35,7 @@ extension QCOW2Layer {
         while pos < end {
             let c = pos / clusterSize
             let e = try l2Entry(guestCluster: c)
-            guard !e.isCompressed, e.isCopied || externalData else { break }
+            guard !e.isCompressed, e.isCopied, e.hostOffset != 0 || externalData else { break }
             let chunkEnd = min(end, (c + 1) * clusterSize)
             if header.extendedL2 {
                 let first = (pos % clusterSize) / unitSize
@@ -45,7 +45,7 @@ extension QCOW2Layer {
             } else {
                 guard e.raw & L2Entry.zeroFlag == 0, e.hostOffset != 0 || externalData else { break }
             }
-            let host = (externalData && header.dataFileRaw ? c * clusterSize : e.hostOffset) + pos - c * clusterSize
+            let host = e.hostOffset + pos - c * clusterSize
             if let last = out.last, last.0 + last.2 == pos, last.1 + last.2 == host {
                 out[out.count - 1].2 += chunkEnd - pos
             } else {
@@ -87,7 +87,9 @@ extension QCOW2Layer {
         let c = pos / clusterSize
         let clusterStart = c * clusterSize
         let e = try lock.run { try l2Entry(guestCluster: c) }
-        let ownsCluster = !e.isCompressed && (e.isCopied || externalData) && (e.hostOffset != 0 || externalData)
+        // Allocated here and referenced only by the active tables (with an external data
+        // file, host offsets equal guest offsets and the copied flag marks allocation).
+        let ownsCluster = !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData)
 
         // Units (subclusters) the write touches; for standard L2 the whole cluster.
         let firstUnit = (pos - clusterStart) / unitSize
@@ -112,8 +114,7 @@ extension QCOW2Layer {
 
         var host: UInt64
         if ownsCluster {
-            host = externalData && header.dataFileRaw ? clusterStart : e.hostOffset
-            if externalData && e.hostOffset == 0 { host = clusterStart }
+            host = e.hostOffset
         } else if externalData {
             host = clusterStart
         } else {

@@ -1,0 +1,59 @@
+import CVloop
+
+/// Writing compressed clusters (`convert -c`): each cluster is deflated (or zstd'd) and
+/// packed byte-contiguously after the previous one, as qemu does; host clusters holding
+/// compressed data carry one reference per compressed cluster in them.
+extension QCOW2Layer: CompressingLayer {
+    public var compressionUnit: UInt64 { clusterSize }
+
+    public func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard !externalData else {
+            throw ImageError(.unsupported, "compressed clusters cannot be used with an external data file", path: file.path)
+        }
+        let c = offset / clusterSize
+        guard offset % clusterSize == 0 else { throw ImageError(.invalidArgument, "compressed writes must be cluster aligned") }
+        var full = [UInt8](repeating: 0, count: Int(clusterSize))
+        full.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<min(data.count, Int(clusterSize))])) }
+        var out = [UInt8](repeating: 0, count: Int(clusterSize))
+        let n: Int = full.withUnsafeBytes { src in
+            out.withUnsafeMutableBytes { dst in
+                header.compressionType == 1
+                    ? Int(vl_zstd_compress(src.baseAddress, src.count, dst.baseAddress, dst.count - 1, 3))
+                    : Int(vl_deflate_raw(src.baseAddress, src.count, dst.baseAddress, dst.count - 1, 6))
+            }
+        }
+        if n <= 0 || n >= Int(clusterSize) - 512 {
+            // Does not shrink: store plainly.
+            try full.withUnsafeBytes { try write($0, at: offset, below: { _, b in b.initializeMemory(as: UInt8.self, repeating: 0) }) }
+            return
+        }
+        try allocLock.run {
+            try lock.run {
+                let old = try l2Entry(guestCluster: c)
+                let host = try allocateCompressedBytes(UInt64(n))
+                try file.write(UnsafeRawBufferPointer(start: out, count: n), at: host)
+                let x = 62 - (UInt64(header.clusterBits) - 8)
+                let sectors = (host + UInt64(n) - 1) / 512 - host / 512
+                let entry = L2Entry.compressed | host | sectors << x
+                try setL2Entry(guestCluster: c, L2Entry(raw: entry, bitmap: 0))
+                try releaseEntry(old, deferred: false)
+            }
+        }
+    }
+
+    /// Byte-granular allocation for compressed data, continuing in the last host
+    /// cluster used for it when the data fits, else in fresh clusters at the end.
+    private func allocateCompressedBytes(_ n: UInt64) throws -> UInt64 {
+        if let cursor = compressedCursor, cursor % clusterSize != 0,
+           cursor / clusterSize == (cursor + n - 1) / clusterSize, cursor / clusterSize + 1 == endCluster {
+            let cl = cursor / clusterSize
+            try setRefcount(cluster: cl, try refcount(cluster: cl) + 1)
+            compressedCursor = cursor + n
+            return cursor
+        }
+        let clusters = n.alignedUp(clusterSize) / clusterSize
+        let start = try allocateContiguous(clusters)
+        compressedCursor = start + n
+        return start
+    }
+}

@@ -1,0 +1,163 @@
+/// Layers that can store a cluster compressed (`convert -c`).
+public protocol CompressingLayer: FormatLayer {
+    /// Allocation unit for compressed writes.
+    var compressionUnit: UInt64 { get }
+    /// Store one whole unit compressed (or plainly, if it does not shrink).
+    func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
+}
+
+public struct ConvertOptions: Sendable {
+    /// Runs of zeroes at least this long are not written (qemu-img -S; 0 writes all).
+    public var sparseSize: UInt64 = 4096
+    public var compress = false
+    /// The destination already exists (-n): zero ranges must be written as zeroes.
+    public var existingTarget = false
+    public var progress: (@Sendable (Double) -> Void)?
+    public init() {}
+}
+
+/// Copy the guest view of `source` into `target`, keeping holes: ranges the source
+/// reports as zero or unallocated are not written (or are zeroed cheaply when the
+/// target is not fresh), and data runs of zero bytes are skipped. With a backing file
+/// in the target, only ranges that differ from it are written.
+public enum ConvertOperation {
+    public static func run(source: DiskImage, target: DiskImage, options: ConvertOptions) throws {
+        let size = source.info.virtualSize
+        guard target.info.virtualSize >= size else {
+            throw ImageError(.invalidArgument, "target is smaller (\(target.info.virtualSize) bytes) than the source (\(size) bytes)", path: target.info.path)
+        }
+        let compressor = options.compress ? ((target as? LayeredImage)?.layer as? CompressingLayer) : nil
+        if options.compress && compressor == nil {
+            throw ImageError(.unsupported, "the \(target.info.format) format cannot store compressed data", path: target.info.path)
+        }
+        let targetBacking = target.backingImage
+        var chunk: UInt64 = 2 << 20
+        if let c = compressor { chunk = max(c.compressionUnit, chunk / c.compressionUnit * c.compressionUnit) }
+        var buffer = [UInt8](repeating: 0, count: Int(chunk))
+        var base = [UInt8](repeating: 0, count: targetBacking == nil ? 0 : Int(chunk))
+        var pos: UInt64 = 0
+        while pos < size {
+            let len = min(chunk, size - pos)
+            let extents = try source.extents(at: pos, length: len)
+            if let compressor {
+                if extents.contains(where: { $0.isData }) {
+                    try compressChunk(compressor, source, &buffer, at: pos, length: len)
+                }
+                pos += len
+                options.progress?(Double(pos) / Double(max(size, 1)))
+                continue
+            }
+            for e in extents {
+                if !e.isData {
+                    // Reads as zero in the source.
+                    if targetBacking != nil || options.existingTarget {
+                        try writeZeroRange(target, targetBacking, e.offset, e.length, &base)
+                    }
+                    continue
+                }
+                let start = Int(e.offset - pos)
+                let n = Int(e.length)
+                try buffer.withUnsafeMutableBytes { buf in
+                    let part = UnsafeMutableRawBufferPointer(rebasing: buf[start..<(start + n)])
+                    try source.read(into: part, at: e.offset)
+                }
+                try writeSparse(target, targetBacking, buffer, chunkStart: pos, from: e.offset, length: e.length,
+                                sparse: options.sparseSize, existing: options.existingTarget, base: &base)
+            }
+            pos += len
+            options.progress?(Double(pos) / Double(max(size, 1)))
+        }
+        try target.flush()
+    }
+
+    private static func writeZeroRange(_ target: DiskImage, _ backing: DiskImage?, _ offset: UInt64, _ length: UInt64, _ base: inout [UInt8]) throws {
+        if let backing {
+            // Only where the backing file does not already read as zero.
+            let bExtents = try backing.extents(at: offset, length: min(length, backing.info.virtualSize > offset ? backing.info.virtualSize - offset : 0))
+            for b in bExtents where b.isData {
+                try target.writeZeroes(at: b.offset, length: b.length, mayUnmap: false)
+            }
+        } else {
+            try target.writeZeroes(at: offset, length: length, mayUnmap: true)
+        }
+    }
+
+    private static func writeSparse(_ target: DiskImage, _ backing: DiskImage?, _ buffer: [UInt8], chunkStart: UInt64,
+                                    from offset: UInt64, length: UInt64, sparse: UInt64, existing: Bool, base: inout [UInt8]) throws {
+        let granule = max(sparse, 512)
+        let start = Int(offset - chunkStart)
+        if let backing {
+            // Write only granules that differ from what the backing file shows.
+            let n = Int(length)
+            try base.withUnsafeMutableBytes { b in
+                let part = UnsafeMutableRawBufferPointer(rebasing: b[start..<(start + n)])
+                let inside = offset >= backing.info.virtualSize ? 0 : Int(min(length, backing.info.virtualSize - offset))
+                if inside > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: part[0..<inside]), at: offset) }
+                if inside < n { UnsafeMutableRawBufferPointer(rebasing: part[inside...]).initializeMemory(as: UInt8.self, repeating: 0) }
+            }
+            try forEachRun(buffer, start, n, granule: Int(granule), differs: { a, b in !buffer[a..<b].elementsEqual(base[a..<b]) }) { a, b in
+                try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[a..<b]), at: chunkStart + UInt64(a)) }
+            }
+            return
+        }
+        if sparse == 0 {
+            try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[start..<(start + Int(length))]), at: offset) }
+            return
+        }
+        try forEachRun(buffer, start, Int(length), granule: Int(granule), differs: { a, b in !isZero(buffer, a, b) }) { a, b in
+            try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[a..<b]), at: chunkStart + UInt64(a)) }
+        } zeroRun: { a, b in
+            if existing { try target.writeZeroes(at: chunkStart + UInt64(a), length: UInt64(b - a), mayUnmap: true) }
+        }
+    }
+
+    /// Split `start..<start+n` into granules; call `write` for maximal runs of granules
+    /// where `differs` holds, and `zeroRun` for the others.
+    private static func forEachRun(_ buffer: [UInt8], _ start: Int, _ n: Int, granule: Int,
+                                   differs: (Int, Int) -> Bool, write: (Int, Int) throws -> Void,
+                                   zeroRun: (Int, Int) throws -> Void = { _, _ in }) throws {
+        var runStart = start
+        var runWrites: Bool?
+        var p = start
+        let end = start + n
+        while p < end {
+            let q = min(end, (p / granule + 1) * granule)
+            let d = differs(p, q)
+            if runWrites != nil && runWrites != d {
+                if runWrites! { try write(runStart, p) } else { try zeroRun(runStart, p) }
+                runStart = p
+            }
+            runWrites = d
+            p = q
+        }
+        if let w = runWrites { if w { try write(runStart, end) } else { try zeroRun(runStart, end) } }
+    }
+
+    static func isZero(_ b: [UInt8], _ from: Int, _ to: Int) -> Bool {
+        b.withUnsafeBytes { raw in
+            var i = from
+            while i + 8 <= to {
+                if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+                i += 8
+            }
+            while i < to { if raw[i] != 0 { return false }; i += 1 }
+            return true
+        }
+    }
+
+    /// Compress a whole chunk, unit by unit; all-zero units are left unallocated.
+    private static func compressChunk(_ c: CompressingLayer, _ source: DiskImage, _ buffer: inout [UInt8],
+                                      at pos: UInt64, length len: UInt64) throws {
+        let unit = c.compressionUnit
+        try buffer.withUnsafeMutableBytes { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<Int(len)]), at: pos) }
+        var u: UInt64 = 0
+        while u < len {
+            let n = Int(min(unit, len - u))
+            let a = Int(u)
+            if !isZero(buffer, a, a + n) {
+                try buffer.withUnsafeBytes { try c.writeCompressed(UnsafeRawBufferPointer(rebasing: $0[a..<(a + n)]), at: pos + u) }
+            }
+            u += unit
+        }
+    }
+}

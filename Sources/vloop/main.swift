@@ -1,2 +1,0 @@
-import VirtualDisk
-print(ImageFormat.qcow2)

@@ -1,0 +1,98 @@
+import Foundation
+import Testing
+@testable import VirtualDisk
+
+/// The `vloop` command line, driven as a user would, side by side with qemu-img.
+@Suite("Command line")
+struct CLITests {
+    func vloop(_ args: [String], cwd: String? = nil) throws -> (status: Int32, out: String, err: String) {
+        try sh([vloopBinary] + args, cwd: cwd, check: false)
+    }
+
+    @Test("create, info, map, check and compare speak qemu-img's language")
+    func basics() throws {
+        let dir = TempDir()
+        let img = dir.file("a.qcow2")
+        #expect(try vloop(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "10M"]).status == 0)
+        try sh(["qemu-img", "check", img])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 7 8k 8k", img])
+        let info = try vloop(["info", "--output", "json", img])
+        #expect(info.status == 0)
+        #expect(info.out.contains("\"virtual-size\": 10485760") && info.out.contains("\"cluster-size\": 4096") && info.out.contains("\"format\": \"qcow2\""))
+        let ourMap = try vloop(["map", "--output", "json", img]).out
+        let theirMap = try sh(["qemu-img", "map", "--output=json", img]).out
+        #expect(ourMap.trimmingCharacters(in: .whitespacesAndNewlines) == theirMap.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(try vloop(["check", img]).status == 0)
+        let raw = dir.file("a.raw")
+        #expect(try vloop(["convert", "-O", "raw", img, raw]).status == 0)
+        #expect(try vloop(["compare", img, raw]).status == 0)
+        try sh(["qemu-io", "-f", "raw", "-c", "write -P 9 5M 512", raw])
+        let diff = try vloop(["compare", img, raw])
+        #expect(diff.status == 1 && diff.out.contains("Content mismatch at offset 5242880!"))
+    }
+
+    @Test("errors are one line naming the file, with qemu-img's exit codes")
+    func errors() throws {
+        let dir = TempDir()
+        let missing = try vloop(["info", dir.file("nope.qcow2")])
+        #expect(missing.status == 1 && missing.err.contains("nope.qcow2") && missing.err.split(separator: "\n").count == 1)
+        let bad = try vloop(["create", "-f", "qcow2", "-o", "cluster_size=3000", dir.file("x.qcow2"), "1M"])
+        #expect(bad.status == 1 && bad.err.contains("cluster_size"))
+        #expect(try vloop(["compare", dir.file("a"), dir.file("b")]).status == 2)
+        // A leaked cluster: check exits 3, -r leaks repairs it.
+        let img = dir.file("leak.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", img])
+        // Bump the refcount of cluster 0 behind qemu's back: a leak.
+        let fh = FileHandle(forUpdatingAtPath: img)!
+        fh.seek(toFileOffset: 2 * 65536)
+        fh.write(Data([0, 2]))
+        fh.closeFile()
+        #expect(try vloop(["check", img]).status == 3)
+        #expect(try vloop(["check", "-r", "leaks", img]).status == 0)
+        try sh(["qemu-img", "check", img])
+    }
+
+    @Test("image locks keep vloop and qemu from writing the same image")
+    func locking() throws {
+        let dir = TempDir()
+        let img = dir.file("l.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"])
+        // qemu-io holds it read-write (sleeping) while vloop tries.
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
+        p.arguments = ["-f", "qcow2", "-c", "sleep 4000", img]
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        Thread.sleep(forTimeInterval: 1.0)
+        #expect(throws: ImageError.self) { try openRW(img) }
+        #expect(throws: ImageError.self) { try openRO(img) }
+        // -U reads anyway.
+        var o = OpenOptions(format: .qcow2); o.forceShare = true
+        let shared = try ImageOpener.open(img, options: o)
+        try shared.close()
+        p.terminate(); p.waitUntilExit()
+        // And the reverse: vloop writes, qemu-img is refused.
+        let ours = try openRW(img)
+        let r = try sh(["qemu-img", "info", img], check: false)
+        #expect(r.status != 0 && r.err.contains("lock"))
+        #expect(try sh(["qemu-img", "info", "-U", img], check: false).status == 0)
+        try ours.close()
+        #expect(try sh(["qemu-img", "info", img], check: false).status == 0)
+    }
+
+    @Test("backing names inside images cannot reach protocols or devices")
+    func untrustedBackingNames() throws {
+        let dir = TempDir()
+        for name in ["nbd://127.0.0.1:10809/x", "json:{\"file.filename\":\"/etc/passwd\"}", "/dev/null"] {
+            let img = dir.file("evil-\(abs(name.hashValue)).qcow2")
+            try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", img, "1M"])
+            #expect(throws: ImageError.self) { try openRO(img) }
+        }
+        // A chain that loops back on itself is refused, not followed forever.
+        let a = dir.file("a.qcow2"), b = dir.file("b.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", a, "1M"])
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", b, "1M"])
+        #expect(throws: ImageError.self) { try openRO(a) }
+    }
+}

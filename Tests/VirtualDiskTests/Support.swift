@@ -1,0 +1,88 @@
+import Foundation
+import Testing
+@testable import VirtualDisk
+
+/// Run a program, returning its exit status and output.
+@discardableResult
+func sh(_ args: [String], cwd: String? = nil, check: Bool = true) throws -> (status: Int32, out: String, err: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    let r = (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    if check && r.0 != 0 {
+        throw TestFailure("\(args.joined(separator: " ")) exited \(r.0): \(r.2)\(r.1)")
+    }
+    return r
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+/// A fresh temporary directory, removed when the value is released.
+final class TempDir: @unchecked Sendable {
+    // Safe: immutable after init.
+    let path: String
+    init() {
+        path = NSTemporaryDirectory() + "vloop-test-" + UUID().uuidString
+        try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    func file(_ name: String) -> String { path + "/" + name }
+}
+
+func readFile(_ path: String) throws -> [UInt8] {
+    [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+}
+
+func openRW(_ path: String, format: ImageFormat? = nil) throws -> DiskImage {
+    var o = OpenOptions(format: format, writable: true)
+    o.userNamed = [path]
+    return try ImageOpener.open(path, options: o)
+}
+
+func openRO(_ path: String, format: ImageFormat? = nil) throws -> DiskImage {
+    var o = OpenOptions(format: format, writable: false)
+    o.userNamed = [path]
+    return try ImageOpener.open(path, options: o)
+}
+
+/// Read the whole guest view.
+func readAll(_ image: DiskImage) throws -> [UInt8] {
+    try image.read(at: 0, count: Int(image.info.virtualSize))
+}
+
+/// Deterministic pseudo-random numbers (SplitMix64), so failures reproduce.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
+
+let sharedDir: String = {
+    // Tests run from the package root; shared/ sits beside the checkout.
+    let cwd = FileManager.default.currentDirectoryPath
+    for candidate in [cwd + "/../shared", "/work/shared"] where FileManager.default.fileExists(atPath: candidate + "/corpus/MANIFEST.tsv") {
+        return candidate
+    }
+    return cwd + "/../shared"
+}()
+
+let vloopBinary: String = {
+    let cwd = FileManager.default.currentDirectoryPath
+    return cwd + "/.build/debug/vloop"
+}()
