@@ -126,6 +126,7 @@ public enum FormatRegistry {
         switch format {
         case .raw: return try RawLayer(file: file)
         case .qcow2: return try QCOW2Layer.open(file: file, context: context)
+        case .qcow: return try QCOWLayer.open(file: file, context: context)
         default:
             throw ImageError(.unsupported, "\(format.rawValue) images are not supported by this version of vloop", format: format.rawValue)
         }
