@@ -26,6 +26,9 @@ let conformanceVariants: [Variant] = [
     Variant(name: "qcow2-on-qcow2-on-raw", format: .qcow2, options: [("cluster_size", "4k")], backing: [(.raw, []), (.qcow2, [])]),
     Variant(name: "qcow2-v2-on-qcow2", format: .qcow2, options: [("compat", "0.10")], backing: [(.qcow2, [])]),
     Variant(name: "qcow2-extl2-on-qcow2", format: .qcow2, options: [("extended_l2", "on")], backing: [(.qcow2, [])]),
+    Variant(name: "qcow", format: .qcow, options: [], backing: []),
+    Variant(name: "qcow-on-qcow2-on-raw", format: .qcow, options: [], backing: [(.raw, []), (.qcow2, [])]),
+    Variant(name: "qcow2-on-qcow", format: .qcow2, options: [], backing: [(.qcow, [])]),
 ]
 
 /// The model: what each byte must read as. After a discard a byte may read as its old
@@ -133,6 +136,11 @@ struct ConformanceTests {
             }
         }
         try img.close()
+        if v.format == .qcow {
+            let expected = dir.file("expected.raw")
+            try Data(model.bytes).write(to: URL(fileURLWithPath: expected))
+            try sh(["qemu-img", "compare", "-f", "qcow", "-F", "raw", path, expected], cwd: dir.path)
+        }
         if v.format == .qcow2 {
             // qemu-img, a peer that no one here wrote, must find it clean and equal.
             // qemu opens a relative data file name from its working directory.

@@ -83,6 +83,16 @@ public enum CreateOperation {
             o.backingFile = r.backingFile
             o.backingFormat = r.backingFormat?.rawValue
             try QCOW2Layer.create(path: r.path, options: o, openAuxiliary: aux)
+        case .qcow:
+            var clusterSize: UInt64?
+            for (k, v) in rest {
+                switch k {
+                case "cluster_size": clusterSize = try SizeParser.parse(v)
+                case "encryption", "encrypt.format": throw ImageError(.unsupported, "encrypted qcow images are not supported")
+                default: throw unknown(k)
+                }
+            }
+            try QCOWLayer.create(path: r.path, size: size, clusterSize: clusterSize, backingFile: r.backingFile)
         default:
             try FormatCreators.create(r, size: size, options: rest)
         }
