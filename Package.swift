@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "VirtualDisk", targets: ["VirtualDisk"]),
+        .library(name: "Exports", targets: ["Exports"]),
         .executable(name: "vloop", targets: ["vloop"]),
     ],
     dependencies: [
@@ -24,17 +25,25 @@ let package = Package(
             dependencies: ["CVloop"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        // Exports serve any DiskImage; they know nothing of formats.
+        .target(
+            name: "Exports",
+            dependencies: ["VirtualDisk", "CFuse"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
         .executableTarget(
             name: "vloop",
             dependencies: [
                 "VirtualDisk",
+                "Exports",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .testTarget(
             name: "VirtualDiskTests",
-            dependencies: ["VirtualDisk", "CVloop"],
+            dependencies: ["VirtualDisk", "Exports", "CVloop"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
     ]

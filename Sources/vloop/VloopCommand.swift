@@ -9,7 +9,7 @@ struct Vloop: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vloop",
         abstract: "Virtual disk images (qcow, qcow2, raw, …) as block devices, and the tools to inspect, convert and repair them.",
-        subcommands: [Info.self, Create.self, Convert.self, Check.self, Compare.self, MapCommand.self,
+        subcommands: [Attach.self, Detach.self, List.self, MountCommand.self, Umount.self, Info.self, Create.self, Convert.self, Check.self, Compare.self, MapCommand.self,
                       Commit.self, Rebase.self, Resize.self, Snapshot.self, Measure.self]
     )
 

@@ -1,0 +1,99 @@
+import Foundation
+import VirtualDisk
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Running host tools (losetup, mount, blkid) and reading their answers.
+enum HostCommand {
+    @discardableResult
+    static func run(_ args: [String], allowFailure: Bool = false) throws -> (status: Int32, out: String, err: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = FileHandle.nullDevice
+        do { try p.run() } catch {
+            throw ImageError(.io, "cannot run \(args[0]): \(error)")
+        }
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let r = (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+        if r.0 != 0 && !allowFailure {
+            throw ImageError(.io, "\(args.joined(separator: " ")) failed: \(r.2.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        return r
+    }
+}
+
+/// The kernel loop driver, through util-linux's losetup.
+public enum LoopDevice {
+    /// Bind `file` to a free loop device with direct I/O; returns /dev/loopN.
+    public static func attach(file: String, readOnly: Bool, partscan: Bool, sectorSize: UInt32) throws -> String {
+        var args = ["losetup", "--find", "--show", "--direct-io=on"]
+        if sectorSize != 512 { args += ["--sector-size", String(sectorSize)] }
+        if readOnly { args.append("--read-only") }
+        if partscan { args.append("--partscan") }
+        args.append(file)
+        let r = try HostCommand.run(args, allowFailure: true)
+        if r.status != 0 {
+            let msg = r.err.trimmingCharacters(in: .whitespacesAndNewlines)
+            if msg.contains("could not find any free loop device") || msg.contains("failed to find an unused loop device") {
+                throw ImageError(.io, "no free loop device; detach one ('vloop list', 'losetup -a') or raise max_loop")
+            }
+            throw ImageError(.io, "losetup failed: \(msg)")
+        }
+        return r.out.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Flush the device's buffers and unbind it, waiting until the kernel lets go of
+    /// the backing file.
+    public static func detach(_ device: String) throws {
+        _ = try? HostCommand.run(["blockdev", "--flushbufs", device], allowFailure: true)
+        let r = try HostCommand.run(["losetup", "-d", device], allowFailure: true)
+        if r.status != 0 && !r.err.contains("No such device") {
+            throw ImageError(.io, "losetup -d \(device) failed: \(r.err.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        let name = (device as NSString).lastPathComponent
+        for _ in 0..<200 {
+            if !FileManager.default.fileExists(atPath: "/sys/block/\(name)/loop/backing_file") { return }
+            usleep(25_000)
+        }
+        throw ImageError(.io, "\(device) still holds its file after detach; is it mounted or open?")
+    }
+
+    /// True when something (a mount, an open) holds the device exclusively.
+    public static func isBusy(_ device: String) -> Bool {
+        let fd = open(device, O_RDONLY | O_EXCL | O_CLOEXEC)
+        if fd < 0 { return errno == EBUSY }
+        close(fd)
+        return false
+    }
+
+    public static func backingFile(_ device: String) -> String? {
+        let name = (device as NSString).lastPathComponent
+        return (try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+/// Checks that the host can attach at all, with messages that say what to do.
+public enum AttachPreflight {
+    public static func check() throws {
+        if geteuid() != 0 {
+            throw ImageError(.invalidArgument, "attaching needs root (loop devices and FUSE mounts); run with sudo")
+        }
+        if access("/dev/fuse", R_OK | W_OK) != 0 {
+            throw ImageError(.notFound, "/dev/fuse is missing; load the fuse module ('modprobe fuse') or install fuse3")
+        }
+        if access("/dev/loop-control", R_OK | W_OK) != 0 {
+            throw ImageError(.notFound, "/dev/loop-control is missing; load the loop driver ('modprobe loop')")
+        }
+        for tool in ["losetup", "blockdev"] where !FileManager.default.isExecutableFile(atPath: "/usr/sbin/\(tool)") && !FileManager.default.isExecutableFile(atPath: "/sbin/\(tool)") {
+            throw ImageError(.notFound, "\(tool) is missing; install util-linux")
+        }
+    }
+}
