@@ -18,7 +18,14 @@ public struct AttachRecord: Codable, Sendable {
     public var mountedAt: String?
     public var mountedDevice: String?
 
-    public var daemonAlive: Bool { kill(pid, 0) == 0 || errno == EPERM }
+    /// The daemon still runs (a zombie left unreaped by its new parent does not count).
+    public var daemonAlive: Bool {
+        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return true }
+        let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first
+        return state != "Z" && state != "X"
+    }
 }
 
 /// Where attach daemons record themselves. Only root writes here.

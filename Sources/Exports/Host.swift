@@ -46,7 +46,25 @@ public enum LoopDevice {
             }
             throw ImageError(.io, "losetup failed: \(msg)")
         }
-        return r.out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let device = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
+        if partscan { addPartitions(device) }
+        return device
+    }
+
+    /// Partitions of the device. Some kernels (containers among them) do not scan loop
+    /// devices themselves even with LO_FLAGS_PARTSCAN: then partx adds them.
+    public static func addPartitions(_ device: String) {
+        if partitions(device).isEmpty {
+            _ = try? HostCommand.run(["partx", "-a", device], allowFailure: true)
+        }
+    }
+
+    /// Partition numbers the kernel knows for a device.
+    public static func partitions(_ device: String) -> [Int] {
+        let base = (device as NSString).lastPathComponent
+        return ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block/\(base)")) ?? [])
+            .filter { $0.hasPrefix(base + "p") }
+            .compactMap { Int($0.dropFirst(base.count + 1)) }.sorted()
     }
 
     /// Flush the device's buffers and unbind it, waiting until the kernel lets go of

@@ -216,10 +216,8 @@ struct MountCommand: ParsableCommand {
     func chooseDevice(_ device: String) throws -> String {
         // Partitions show up as /dev/loopNpM once the kernel has scanned the table.
         _ = try? Process.runCapturing(["udevadm", "settle", "--timeout=5"])
-        let base = (device as NSString).lastPathComponent
-        let parts = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block/\(base)")) ?? [])
-            .filter { $0.hasPrefix(base + "p") }
-            .compactMap { Int($0.dropFirst(base.count + 1)) }.sorted()
+        LoopDevice.addPartitions(device)
+        let parts = LoopDevice.partitions(device)
         if let n = partition {
             if n == 0 { return device }
             guard parts.contains(n) else { throw ImageError(.notFound, "partition \(n) does not exist on the image (has: \(parts.map(String.init).joined(separator: ", ")))") }
