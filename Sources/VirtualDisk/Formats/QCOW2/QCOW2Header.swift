@@ -120,6 +120,8 @@ struct QCOW2Header {
         if h.compressionType != 0 && h.incompatibleFeatures & incompatCompression == 0 {
             throw ImageError.corrupt("qcow2 compression type set without its incompatible feature bit")
         }
+        // qemu's limit; keeps every size computation below far from overflow.
+        if h.size > 1 << 61 { throw ImageError.corrupt("qcow2 virtual size \(h.size) is larger than 2^61 bytes") }
         // A grossly oversized table is refused before anything allocates for it.
         let l1Bytes = UInt64(h.l1Size) * 8
         if l1Bytes > 32 << 20 || h.l1TableOffset > fileSize {
@@ -157,7 +159,7 @@ struct QCOW2Header {
     /// Entries an L1 table needs to cover `size` bytes.
     func requiredL1Entries(for size: UInt64) throws -> UInt64 {
         let perL2 = clusterSize * l2Entries
-        return (size + perL2 - 1) / perL2
+        return size / perL2 + (size % perL2 == 0 ? 0 : 1)
     }
 
     private mutating func parseExtensions(_ r: ByteReader) throws {

@@ -1,0 +1,118 @@
+import Foundation
+import Testing
+@testable import VirtualDisk
+
+@Suite("QCOW2 edge cases")
+struct QCOW2EdgeTests {
+    /// Patch bytes of a file.
+    func patch(_ path: String, at offset: UInt64, _ bytes: [UInt8]) throws {
+        let fh = FileHandle(forUpdatingAtPath: path)!
+        fh.seek(toFileOffset: offset)
+        fh.write(Data(bytes))
+        fh.closeFile()
+    }
+
+    @Test("created images are no larger than qemu-img's", arguments: ["", "cluster_size=512", "cluster_size=2M", "extended_l2=on", "refcount_bits=1", "compat=0.10"])
+    func createdSize(_ options: String) throws {
+        let dir = TempDir()
+        var r = CreateRequest(path: dir.file("ours.qcow2"), format: .qcow2, size: 1 << 30)
+        r.options = try OptionList.parse(options)
+        try CreateOperation.run(r)
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2"] + (options.isEmpty ? [] : ["-o", options]) + [dir.file("theirs.qcow2"), "1G"])
+        let ours = try FileManager.default.attributesOfItem(atPath: dir.file("ours.qcow2"))[.size] as! Int
+        let theirs = try FileManager.default.attributesOfItem(atPath: dir.file("theirs.qcow2"))[.size] as! Int
+        #expect(ours <= theirs, "\(options): \(ours) > \(theirs)")
+        try sh(["qemu-img", "check", dir.file("ours.qcow2")])
+    }
+
+    @Test("preallocation modes give clean images that read as zeroes", arguments: ["metadata", "falloc", "full"])
+    func preallocation(_ mode: String) throws {
+        let dir = TempDir()
+        var r = CreateRequest(path: dir.file("p.qcow2"), format: .qcow2, size: 5 << 20)
+        r.options = [("preallocation", mode)]
+        try CreateOperation.run(r)
+        try sh(["qemu-img", "check", dir.file("p.qcow2")])
+        let map = try sh(["qemu-img", "map", "--output=json", dir.file("p.qcow2")]).out
+        #expect(map.contains("\"data\": true"), "\(mode): clusters are not mapped")
+        let img = try openRO(dir.file("p.qcow2"))
+        #expect(try readAll(img).allSatisfy { $0 == 0 })
+        try img.close()
+    }
+
+    @Test("unknown incompatible features are refused by name; the corrupt bit blocks writing")
+    func featureBits() throws {
+        let dir = TempDir()
+        let path = dir.file("f.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"])
+        // Bit 5 is unknown; qemu's feature table does not name it.
+        try patch(path, at: 72 + 7, [0x20])
+        do {
+            _ = try openRO(path)
+            Issue.record("opened an image with an unknown incompatible feature")
+        } catch let e as ImageError {
+            #expect(e.code == .unsupported && e.message.contains("bit 5"), "\(e)")
+        }
+        // The corrupt bit (1): read-only opens, read-write is refused with the repair hint.
+        try patch(path, at: 72 + 7, [0x02])
+        let ro = try openRO(path)
+        try ro.close()
+        do {
+            _ = try openRW(path)
+            Issue.record("opened a corrupt image read-write")
+        } catch let e as ImageError {
+            #expect(e.message.contains("check -r all"))
+        }
+    }
+
+    @Test("encrypted images are refused clearly")
+    func encrypted() throws {
+        let dir = TempDir()
+        let path = dir.file("e.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o", "encrypt.format=luks,encrypt.key-secret=s", path, "1M"])
+        do {
+            _ = try openRO(path)
+            Issue.record("opened an encrypted image")
+        } catch let e as ImageError {
+            #expect(e.code == .unsupported && e.message.contains("encrypted"))
+        }
+    }
+
+    @Test("hostile headers fail cleanly without huge allocations")
+    func hostileHeaders() throws {
+        let dir = TempDir()
+        let path = dir.file("h.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"])
+        let original = try readFile(path)
+        let cases: [(Int, [UInt8])] = [
+            (20, [0, 0, 0, 40]),                           // cluster_bits 40
+            (36, [0xff, 0xff, 0xff, 0xff]),                // l1_size 4G entries
+            (24, [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]),  // virtual size beyond L1
+            (56, [0x7f, 0xff, 0xff, 0xff]),                // refcount table clusters
+            (60, [0x7f, 0xff, 0xff, 0xff]),                // snapshot count
+            (100, [0, 0, 0x20, 0]),                        // header length 8192
+            (96, [0, 0, 0, 9]),                            // refcount order 9
+            (8, [0, 0, 0, 0, 0, 0, 0, 0x70, 0, 0, 0x20, 0]),  // backing name past the header
+        ]
+        for (offset, bytes) in cases {
+            var b = original
+            b.replaceSubrange(offset..<(offset + bytes.count), with: bytes)
+            try Data(b).write(to: URL(fileURLWithPath: path))
+            #expect(throws: ImageError.self, "patch at \(offset)") { _ = try openRO(path) }
+        }
+    }
+
+    @Test("measure is an upper bound of what convert writes")
+    func measure() throws {
+        let dir = TempDir()
+        let src = dir.file("s.raw")
+        try sh(["qemu-img", "create", "-q", "-f", "raw", src, "64M"])
+        try sh(["qemu-io", "-f", "raw", "-c", "write -P 1 0 5M", "-c", "write -P 2 40M 3M", src])
+        let s = try openRO(src)
+        let m = try MeasureOperation.run(format: .qcow2, options: [], size: nil, source: s)
+        try s.close()
+        try sh(["qemu-img", "convert", "-O", "qcow2", src, dir.file("d.qcow2")])
+        let actual = try FileManager.default.attributesOfItem(atPath: dir.file("d.qcow2"))[.size] as! Int
+        #expect(UInt64(actual) <= m.required, "measured \(m.required), qemu-img wrote \(actual)")
+        #expect(m.fullyAllocated >= 64 << 20)
+    }
+}
