@@ -71,6 +71,12 @@ public final class LayeredImage: DiskImage {
         try requireWritable()
         try checkRange(offset, UInt64(data.count))
         if data.isEmpty { return }
+        // Writing zeroes is zeroing: where nothing is allocated (and no backing file
+        // shows through) it allocates nothing, in every format.
+        if data.count >= 512 && Self.isAllZero(data) {
+            try writeZeroes(at: offset, length: UInt64(data.count), mayUnmap: false)
+            return
+        }
         try ioLock.shared {
             try layer.write(data, at: offset, below: readBelow)
         }
@@ -103,6 +109,17 @@ public final class LayeredImage: DiskImage {
         if layer.hasDeferredFrees {
             try ioLock.exclusive { try layer.releaseDeferredFrees() }
         }
+    }
+
+    static func isAllZero(_ data: UnsafeRawBufferPointer) -> Bool {
+        var i = 0
+        let n = data.count
+        while i + 8 <= n {
+            if data.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+            i += 8
+        }
+        while i < n { if data[i] != 0 { return false }; i += 1 }
+        return true
     }
 
     // MARK: block status

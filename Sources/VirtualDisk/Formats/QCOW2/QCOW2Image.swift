@@ -302,8 +302,29 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
 
     func flushLocked() throws {
         if externalData { try dataFile.sync() }
-        try cache.writeBack(owner: owner, barrier: { try file.sync() }, write: { off, bytes in try file.write(bytes, at: off) })
+        try cache.writeBack(owner: owner, barrier: { try file.sync() }, write: { off, bytes in try writePage(bytes, at: off) })
         try file.sync()
+    }
+
+    /// Write a metadata page, leaving its all-zero tail as a hole: mostly-empty tables
+    /// (a fresh L1, a new refcount block) then take one file-system block, not a cluster.
+    private func writePage(_ bytes: [UInt8], at offset: UInt64) throws {
+        var used = bytes.count
+        while used > 0 && bytes[used - 1] == 0 { used -= 1 }
+        let head = min(bytes.count, (used + 4095) / 4096 * 4096)
+        if head == bytes.count || head == 0 && bytes.isEmpty {
+            try file.write(bytes, at: offset)
+            return
+        }
+        let tail = UInt64(bytes.count - head)
+        if try file.size() <= offset + UInt64(head) {
+            // The tail lies past the end of the file: it reads as zeroes already.
+            try file.write(Array(bytes[0..<max(head, 8)]), at: offset)
+        } else if file.punchHole(at: offset + UInt64(head), length: tail) {
+            if head > 0 { try file.write(Array(bytes[0..<head]), at: offset) }
+        } else {
+            try file.write(bytes, at: offset)
+        }
     }
 
     public func close() throws {

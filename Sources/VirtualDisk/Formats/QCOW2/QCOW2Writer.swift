@@ -188,12 +188,29 @@ extension QCOW2Layer {
             let clusterEnd = min(end, (c + 1) * clusterSize)
             let whole = pos == c * clusterSize && (clusterEnd == (c + 1) * clusterSize || clusterEnd == header.size)
             let done = whole ? try allocLock.run { try lock.run { try zeroCluster(c, mayUnmap: mayUnmap, hasBacking: hasBacking) } } : false
-            if !done {
+            if !done, try !readsAsZero(at: pos, length: clusterEnd - pos, hasBacking: hasBacking) {
                 try writeZeroBytes(at: pos, length: clusterEnd - pos, below: below)
             }
             pos = clusterEnd
         }
         if cache.isOverBudget(owner: owner) { try lock.run { try flushLocked() } }
+    }
+
+    /// True when every unit touching the range already reads as zeroes in this layer
+    /// (zero, or unallocated with nothing below): zeroing it needs no allocation.
+    private func readsAsZero(at offset: UInt64, length: UInt64, hasBacking: Bool) throws -> Bool {
+        try lock.run {
+            let e = try l2Entry(guestCluster: offset / clusterSize)
+            let c = offset / clusterSize * clusterSize
+            for sub in ((offset - c) / unitSize)...((offset + length - 1 - c) / unitSize) {
+                switch try unitState(e, sub: sub) {
+                case .zero: continue
+                case .unallocated where !hasBacking: continue
+                default: return false
+                }
+            }
+            return true
+        }
     }
 
     private func writeZeroBytes(at offset: UInt64, length: UInt64, below: BelowReader) throws {
