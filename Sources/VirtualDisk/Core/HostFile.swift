@@ -64,6 +64,7 @@ public final class HostFile: Sendable {
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        WriteRecorder.note(path, .write(path: path, offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -83,7 +84,10 @@ public final class HostFile: Sendable {
     /// Write `length` zero bytes, preferring fallocate.
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
-        if vl_zero_range(fd, Int64(offset), Int64(length), 0) == 0 { return }
+        if vl_zero_range(fd, Int64(offset), Int64(length), 0) == 0 {
+            WriteRecorder.note(path, .zero(path: path, offset: offset, length: length))
+            return
+        }
         var done: UInt64 = 0
         while done < length {
             let n = Int(min(UInt64(ZeroBuffer.size), length - done))
@@ -96,7 +100,10 @@ public final class HostFile: Sendable {
     /// file system cannot punch holes.
     @discardableResult
     public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
-        length == 0 || vl_punch_hole(fd, Int64(offset), Int64(length)) == 0
+        if length == 0 { return true }
+        guard vl_punch_hole(fd, Int64(offset), Int64(length)) == 0 else { return false }
+        WriteRecorder.note(path, .zero(path: path, offset: offset, length: length))
+        return true
     }
 
     public func preallocate(at offset: UInt64, length: UInt64) throws {
@@ -119,10 +126,12 @@ public final class HostFile: Sendable {
 
     public func truncate(to size: UInt64) throws {
         if ftruncate(fd, off_t(size)) != 0 { throw ioError("truncate", size) }
+        WriteRecorder.note(path, .truncate(path: path, size: size))
     }
 
     public func sync() throws {
         if fdatasync(fd) != 0 { throw ioError("fdatasync", 0) }
+        WriteRecorder.note(path, .sync(path: path))
     }
 
     /// Next data at or after `offset` (SEEK_DATA); nil when there is none.
