@@ -22,25 +22,25 @@ public final class WriteRecorder: Sendable {
 
     func record(_ op: Op) { ops.withLock { $0.append(op) } }
 
-    static let active = Atomic<Bool>(false)
-    static let current = Mutex<WriteRecorder?>(nil)
+    static let active = Atomic<Int>(0)
+    static let current = Mutex<[WriteRecorder]>([])
 
     /// Record changes to files under `directory` until `stop`.
     public func start() {
-        Self.current.withLock { $0 = self }
-        Self.active.store(true, ordering: .releasing)
+        Self.current.withLock { $0.append(self) }
+        Self.active.add(1, ordering: .releasing)
     }
 
     public func stop() {
-        Self.active.store(false, ordering: .releasing)
-        Self.current.withLock { $0 = nil }
+        Self.current.withLock { $0.removeAll { $0 === self } }
+        Self.active.subtract(1, ordering: .releasing)
     }
 
-    /// Record `op` if a recorder covers `path`.
+    /// Record `op` with every recorder that covers `path`.
     static func note(_ path: String, _ op: @autoclosure () -> Op) {
-        guard active.load(ordering: .relaxed) else { return }
-        current.withLock { r in
-            if let r, path.hasPrefix(r.directory) { r.record(op()) }
+        guard active.load(ordering: .relaxed) > 0 else { return }
+        current.withLock { all in
+            for r in all where path.hasPrefix(r.directory) { r.record(op()) }
         }
     }
 }
