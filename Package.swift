@@ -7,10 +7,12 @@ let package = Package(
     products: [
         .library(name: "VirtualDisk", targets: ["VirtualDisk"]),
         .library(name: "Exports", targets: ["Exports"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
         .executable(name: "vloop", targets: ["vloop"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // Thin C shim: Linux-only constants and calls that Glibc's Swift overlay hides
@@ -32,18 +34,35 @@ let package = Package(
             dependencies: ["VirtualDisk", "CFuse"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // The NBD server: any DiskImage over the network. The event loop only decodes
+        // and encodes; image I/O runs on a bounded thread pool.
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "VirtualDisk",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
         .executableTarget(
             name: "vloop",
             dependencies: [
                 "VirtualDisk",
                 "Exports",
+                "NBDServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .testTarget(
             name: "VirtualDiskTests",
-            dependencies: ["VirtualDisk", "Exports", "CVloop"],
+            dependencies: [
+                "VirtualDisk", "Exports", "CVloop", "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
     ]

@@ -10,7 +10,7 @@ struct Vloop: ParsableCommand {
         commandName: "vloop",
         abstract: "Virtual disk images (qcow, qcow2, raw, …) as block devices, and the tools to inspect, convert and repair them.",
         subcommands: [Attach.self, Detach.self, List.self, MountCommand.self, Umount.self, Info.self, Create.self, Convert.self, Check.self, Compare.self, MapCommand.self,
-                      Commit.self, Rebase.self, Resize.self, Snapshot.self, Measure.self]
+                      Commit.self, Rebase.self, Resize.self, Snapshot.self, Measure.self, Serve.self]
     )
 
     /// Run a subcommand body, turning engine errors into one line on stderr and an exit code.

@@ -115,6 +115,9 @@ public enum ImageOpener {
             } catch let e as ImageError where e.code == .notFound {
                 throw ImageError(.chain, "backing file '\(ref.name)' not found (looked for \(resolved)); restore it or rebase with 'vloop rebase -u -b NEW \(path)'", path: path)
             }
+            if let v = layer as? BackingValidatingLayer, let backing {
+                do { try v.validateBacking(backing) } catch { try? backing.close(); throw error }
+            }
         }
         return LayeredImage(layer: layer, backing: backing, onClose: { ImageLock.release(file) })
     }
@@ -127,6 +130,7 @@ public enum FormatRegistry {
         case .raw: return try RawLayer(file: file)
         case .qcow2: return try QCOW2Layer.open(file: file, context: context)
         case .qcow: return try QCOWLayer.open(file: file, context: context)
+        case .vhd: return try VHDLayer.open(file: file, context: context)
         default:
             throw ImageError(.unsupported, "\(format.rawValue) images are not supported by this version of vloop", format: format.rawValue)
         }

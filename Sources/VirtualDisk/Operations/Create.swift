@@ -102,6 +102,10 @@ public enum CreateOperation {
 /// Creators of formats outside this file register here.
 enum FormatCreators {
     static func create(_ r: CreateRequest, size: UInt64, options: [(String, String)]) throws {
-        throw ImageError(.unsupported, "creating \(r.format.rawValue) images is not supported by this version of vloop")
+        switch r.format {
+        case .vhd: try VHDLayer.create(r, size: size, options: options)
+        default:
+            throw ImageError(.unsupported, "creating \(r.format.rawValue) images is not supported by this version of vloop")
+        }
     }
 }

@@ -1,0 +1,320 @@
+import NIOCore
+import NIOPosix
+
+/// Sent down a connection's pipeline when the server stops.
+struct NBDServerShutdownEvent {}
+
+/// One client connection, on its event loop: runs the handshake, then hands requests
+/// to the I/O pool and writes their replies as they complete (in any order, as the
+/// protocol allows).
+///
+/// Back-pressure: a request counts against the connection from the moment it is
+/// decoded until its reply has been written. Past `maxRequestsInFlight` requests or
+/// `maxBytesInFlight` bytes (write payloads, read buffers), or while the socket's send
+/// buffer is full, the handler stops asking the channel to read, so a client that
+/// floods requests or does not read its replies only slows itself; what was already
+/// read when the limit was reached is bounded by one read.
+///
+/// Fairness: at most `maxRunningPerConnection` of a connection's requests are on the
+/// shared pool at once; the rest wait in this connection's own queue, so one busy
+/// client cannot fill the pool's queue ahead of everyone else.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = NBDClientMessage
+    typealias OutboundIn = Never
+    typealias OutboundOut = ByteBuffer
+
+    enum Phase {
+        case handshake(NBDNegotiation)
+        case transmission(NBDSession)
+        /// NBD_CMD_DISC, a shutdown, or a hard error: finish what is in flight, then close.
+        case draining
+        case closed
+    }
+
+    private let core: NBDServerCore
+    private var phase: Phase
+    private var context: ChannelHandlerContext?
+    private var handshakeTimer: Scheduled<Void>?
+
+    /// Decoded requests not yet handed to the pool.
+    private var queued = CircularBuffer<(request: NBDRequest, cost: Int)>()
+    /// Requests on the pool now.
+    private var running = 0
+    /// Requests decoded and not yet answered, and the bytes they hold.
+    private var inFlightCount = 0
+    private var inFlightBytes = 0
+    /// A read() from the pipeline that we held back; passed on when there is room.
+    private var readHeld = false
+    /// The session that in-flight and pending requests run under (kept while draining).
+    private var session: NBDSession?
+
+    init(core: NBDServerCore) {
+        self.core = core
+        self.phase = .handshake(NBDNegotiation(exports: core.exports))
+    }
+
+    // MARK: lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var greeting = context.channel.allocator.buffer(capacity: 18)
+        greeting.writeNBDGreeting()
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        let timeout = core.configuration.handshakeTimeout
+        handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(timeout)) { [self] in
+            if case .handshake = phase {
+                core.log("client \(peer): handshake not finished within \(timeout); closing")
+                hardClose()
+            }
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
+        phase = .closed
+        // Requests still on the pool finish on their own; their replies go nowhere.
+        queued.removeAll()
+        context.fireChannelInactive()
+    }
+
+    var peer: String {
+        context?.channel.remoteAddress?.description ?? "(unknown)"
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        switch phase {
+        case .draining, .closed:
+            // A close is under way (waiting for a reply to go out or requests to
+            // finish); what else the client sent is moot, and socket errors close the
+            // channel by themselves.
+            return
+        case .handshake:
+            if case NBDDecodeError.optionTooLong(let code, _) = error {
+                core.log("client \(peer): \(error); closing")
+                var out = context.channel.allocator.buffer(capacity: 128)
+                out.writeNBDOptionError(option: code, type: NBD.repErrTooBig, message: "\(error)")
+                phase = .draining
+                context.writeAndFlush(wrapOutboundOut(out)).assumeIsolated().whenComplete { [self] _ in hardClose() }
+                return
+            }
+        case .transmission:
+            break
+        }
+        if !(error is NIOCore.IOError) && !(error is ChannelError) {
+            core.log("client \(peer): \(error); closing")
+        }
+        hardClose()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is NBDServerShutdownEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        switch phase {
+        case .handshake:
+            hardClose()
+        case .transmission:
+            // Stop taking requests; fail those not started, finish those running
+            // (proto.md: "the server SHOULD wait for inflight requests to be serviced").
+            phase = .draining
+            while let (r, cost) = queued.popFirst() {
+                reply(NBDCommands.errorReply(r, session: session!, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")), cost: cost)
+            }
+            closeIfDrained()
+        case .draining, .closed:
+            break
+        }
+    }
+
+    // MARK: reading
+
+    func read(context: ChannelHandlerContext) {
+        if shouldPauseReading {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    private var shouldPauseReading: Bool {
+        guard let context else { return true }
+        switch phase {
+        case .handshake:
+            return !context.channel.isWritable
+        case .transmission:
+            return inFlightCount >= core.configuration.maxRequestsInFlight
+                || inFlightBytes >= core.configuration.maxBytesInFlight || !context.channel.isWritable
+        case .draining, .closed:
+            return true
+        }
+    }
+
+    private func resumeReadingIfPossible() {
+        guard readHeld, !shouldPauseReading, let context else { return }
+        readHeld = false
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        resumeReadingIfPossible()
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let message = unwrapInboundIn(data)
+        switch phase {
+        case .handshake(var negotiation):
+            let outcome: NBDNegotiation.Outcome
+            var out = context.channel.allocator.buffer(capacity: 256)
+            switch message {
+            case .clientFlags(let flags):
+                outcome = negotiation.receiveClientFlags(flags)
+            case .option(let code, let payload):
+                outcome = negotiation.receiveOption(code: code, data: payload, into: &out)
+            case .request:
+                outcome = .close(reason: "sent a request before the handshake finished")
+            }
+            if out.readableBytes > 0 { context.write(wrapOutboundOut(out), promise: nil) }
+            switch outcome {
+            case .continue:
+                phase = .handshake(negotiation)
+            case .close(let reason):
+                core.log("client \(peer): \(reason)")
+                phase = .draining
+                context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated().whenComplete { [self] _ in
+                    hardClose()
+                }
+            case .transmission:
+                handshakeTimer?.cancel()
+                handshakeTimer = nil
+                let s = negotiation.session!
+                session = s
+                phase = .transmission(s)
+                core.log("client \(peer): connected to export '\(s.export.name)'")
+            }
+
+        case .transmission(let session):
+            guard case .request(let r) = message else {
+                core.log("client \(peer): sent an option during the transmission phase")
+                return hardClose()
+            }
+            receive(r, session: session)
+
+        case .draining, .closed:
+            // After NBD_CMD_DISC the client may send nothing; during shutdown nothing more is taken.
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        context.fireChannelReadComplete()
+    }
+
+    // MARK: requests
+
+    private func receive(_ r: NBDRequest, session: NBDSession) {
+        if r.type == NBD.cmdDisc {
+            // Finish everything sent before the disconnect, then close (no reply).
+            phase = .draining
+            closeIfDrained()
+            return
+        }
+        let cost = NBDCommands.cost(r)
+        inFlightCount += 1
+        inFlightBytes += cost
+        if let error = NBDCommands.validate(r, session: session) {
+            reply(NBDCommands.errorReply(r, session: session, error: error), cost: cost)
+            return
+        }
+        var r = r
+        if let payload = r.payload {
+            // The payload is a slice of the receive buffer; holding it would pin that
+            // whole buffer (which may have grown to the largest write seen) for as long
+            // as the request is queued or running. A pooled copy of exactly its size
+            // keeps the accounting honest.
+            var copy = core.bufferPool.take(capacity: payload.readableBytes)
+            copy.writeImmutableBuffer(payload)
+            r.payload = copy
+        }
+        queued.append((r, cost))
+        startQueued()
+    }
+
+    /// Hand queued requests to the pool, up to this connection's share of it.
+    private func startQueued() {
+        guard let session, let context else { return }
+        while running < core.configuration.maxRunningPerConnection, let (r, cost) = queued.popFirst() {
+            running += 1
+            let pool = core.bufferPool
+            let (type, cookie, flags) = (r.type, r.cookie, r.flags)
+            core.threadPool.runIfActive(eventLoop: context.eventLoop) {
+                NBDCommands.execute(r, session: session, pool: pool)
+            }.assumeIsolated().whenComplete { [self] result in
+                running -= 1
+                switch result {
+                case .success(let bytes):
+                    reply(bytes, cost: cost, recycle: type == NBD.cmdRead)
+                case .failure:
+                    // The pool stopped before running it: only during shutdown.
+                    let header = NBDRequest(flags: flags, type: type, cookie: cookie, offset: 0, length: 0)
+                    reply(NBDCommands.errorReply(header, session: session, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")),
+                          cost: cost)
+                }
+                startQueued()
+            }
+        }
+    }
+
+    /// Write a reply; when it has gone out (or failed to), release what the request held.
+    private func reply(_ bytes: ByteBuffer, cost: Int, recycle: Bool = false) {
+        guard let context, context.channel.isActive else {
+            release(cost)
+            return
+        }
+        let pool = core.bufferPool
+        context.writeAndFlush(wrapOutboundOut(bytes)).assumeIsolated().whenComplete { [self] _ in
+            if recycle { pool.recycle(bytes) }
+            release(cost)
+        }
+    }
+
+    private func release(_ cost: Int) {
+        inFlightCount -= 1
+        inFlightBytes -= cost
+        switch phase {
+        case .transmission:
+            resumeReadingIfPossible()
+        case .draining:
+            closeIfDrained()
+        default:
+            break
+        }
+    }
+
+    private func closeIfDrained() {
+        if case .draining = phase, inFlightCount == 0 {
+            hardClose()
+        }
+    }
+
+    private func hardClose() {
+        guard let context else { return }
+        switch phase {
+        case .closed: return
+        default: break
+        }
+        phase = .draining
+        context.close(promise: nil)
+    }
+}

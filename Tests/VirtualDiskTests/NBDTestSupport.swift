@@ -1,0 +1,260 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The vloop built beside this test binary: the build may use a scratch path other
+/// than .build, and the server must be the one just built.
+let nbdVloopBinary: String = {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+    if n > 0 {
+        let exe = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var dir = (exe as NSString).deletingLastPathComponent
+        // swift-testing may run inside the .xctest bundle directory.
+        if dir.hasSuffix(".xctest") || dir.hasSuffix("/Contents/MacOS") { dir = (dir as NSString).deletingLastPathComponent }
+        let candidate = dir + "/vloop"
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    return vloopBinary
+}()
+
+let haveNBDTools = ["nbdinfo", "nbdcopy", "qemu-img", "qemu-io"].allSatisfy { tool in
+    (try? sh(["sh", "-c", "command -v \(tool)"], check: false).status) == 0
+}
+let haveFio = (try? sh(["sh", "-c", "command -v fio && fio --enghelp 2>&1 | grep -qw nbd"], check: false).status) == 0
+
+/// A TCP port that was free a moment ago (the kernel's pick for port 0).
+func freeTCPPort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+    }
+    guard ok else { throw TestFailure("bind: \(errno)") }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// `vloop serve` running as a child process, stopped by SIGTERM.
+final class ServeProcess: @unchecked Sendable {
+    // Safe: used from one test at a time; Process is only touched by that test.
+    let process: Process
+    let port: Int
+    let socketPath: String?
+    let logPath: String
+
+    private init(process: Process, port: Int, socketPath: String?, logPath: String) {
+        self.process = process
+        self.port = port
+        self.socketPath = socketPath
+        self.logPath = logPath
+    }
+
+    /// Start `vloop serve ARGS` in `dir` on a fresh port (or the Unix socket given in
+    /// ARGS with -k) and wait until it listens (its pid file appears).
+    static func start(_ args: [String], in dir: TempDir, unixSocket: String? = nil) throws -> ServeProcess {
+        var lastLog = ""
+        for attempt in 0..<4 {
+            let port = unixSocket == nil ? try freeTCPPort() : 0
+            let pidFile = dir.file("serve-\(port)-\(attempt).pid")
+            let logPath = dir.file("serve-\(port)-\(attempt).log")
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: nbdVloopBinary)
+            var full = ["serve", "--pid-file", pidFile]
+            if let unixSocket { full += ["-k", unixSocket] } else { full += ["-p", String(port)] }
+            p.arguments = full + args
+            p.currentDirectoryURL = URL(fileURLWithPath: dir.path)
+            p.standardInput = FileHandle.nullDevice
+            p.standardOutput = FileHandle(forWritingAtPath: logPath)
+            p.standardError = FileHandle(forWritingAtPath: logPath)
+            try p.run()
+            let deadline = Date().addingTimeInterval(30)
+            while Date() < deadline {
+                if FileManager.default.fileExists(atPath: pidFile) {
+                    return ServeProcess(process: p, port: port, socketPath: unixSocket, logPath: logPath)
+                }
+                if !p.isRunning { break }
+                usleep(20_000)
+            }
+            if p.isRunning { p.terminate() }
+            p.waitUntilExit()
+            lastLog = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+            // Another process took the port between our probe and the server's bind.
+            if !lastLog.contains("cannot listen") { break }
+        }
+        throw TestFailure("vloop serve did not start: \(lastLog)")
+    }
+
+    func uri(_ export: String = "") -> String {
+        if let socketPath { return "nbd+unix:///\(export)?socket=\(socketPath)" }
+        return "nbd://127.0.0.1:\(port)/\(export)"
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    var isRunning: Bool { process.isRunning }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    @discardableResult
+    func stop(timeout: TimeInterval = 30) throws -> Int32 {
+        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            throw TestFailure("vloop serve did not stop within \(timeout) s of SIGTERM: \(log)")
+        }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// A plain blocking socket speaking raw NBD bytes: for clients that misbehave on purpose.
+final class RawNBDClient {
+    let fd: Int32
+
+    init(port: Int, receiveTimeout: Int = 10) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = UInt16(port).bigEndian
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { close(fd); throw TestFailure("connect to port \(port): errno \(errno)") }
+        var tv = timeval(tv_sec: receiveTimeout, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { close(fd) }
+
+    /// Send everything; false if the peer has gone (never SIGPIPE).
+    @discardableResult
+    func send(_ bytes: [UInt8]) -> Bool {
+        var sent = 0
+        while sent < bytes.count {
+            let n = bytes[sent...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return false }
+            sent += n
+        }
+        return true
+    }
+
+    func receive(_ count: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        var got = 0
+        while got < count {
+            let n = out[got...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 { throw TestFailure("server closed the connection after \(got) of \(count) bytes") }
+            if n < 0 { throw TestFailure("receive failed: errno \(errno) after \(got) of \(count) bytes") }
+            got += n
+        }
+        return out
+    }
+
+    /// Whether the server closes the connection within the receive timeout (reading
+    /// and dropping anything it still sends).
+    func closedByServer() -> Bool {
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 { return true }
+            if n < 0 { return errno == ECONNRESET }
+        }
+    }
+
+    // MARK: protocol helpers
+
+    /// Read the greeting and answer with FIXED_NEWSTYLE | NO_ZEROES.
+    func greet() throws {
+        let g = try receive(18)
+        #expect(nbdBE64(g, 0) == 0x4e42_444d_4147_4943 && nbdBE64(g, 8) == 0x4948_4156_454f_5054, "not an NBD greeting")
+        send(nbd32(3))
+    }
+
+    func sendOption(_ code: UInt32, _ data: [UInt8]) {
+        send(nbd64(0x4948_4156_454f_5054) + nbd32(code) + nbd32(UInt32(data.count)) + data)
+    }
+
+    /// One option reply: (option, type, data).
+    func optionReply() throws -> (option: UInt32, type: UInt32, data: [UInt8]) {
+        let h = try receive(20)
+        #expect(nbdBE64(h, 0) == 0x0003_e889_0455_65a9, "bad option reply magic")
+        let length = Int(nbdBE32(h, 16))
+        return (nbdBE32(h, 8), nbdBE32(h, 12), length > 0 ? try receive(length) : [])
+    }
+
+    /// Negotiate (optionally structured replies and base:allocation) and enter
+    /// transmission with NBD_OPT_GO. Returns the export size and flags.
+    @discardableResult
+    func handshake(export: String, structured: Bool = true) throws -> (size: UInt64, flags: UInt16) {
+        try greet()
+        if structured {
+            sendOption(8, [])
+            #expect(try optionReply().type == 1)
+        }
+        let name = Array(export.utf8)
+        sendOption(7, nbd32(UInt32(name.count)) + name + nbd16(0))
+        var size: UInt64 = 0, flags: UInt16 = 0
+        while true {
+            let r = try optionReply()
+            if r.type == 3, nbdBE16(r.data, 0) == 0 {
+                size = nbdBE64(r.data, 2)
+                flags = nbdBE16(r.data, 10)
+            } else if r.type == 1 {
+                return (size, flags)
+            } else if r.type & 0x8000_0000 != 0 {
+                throw TestFailure("NBD_OPT_GO failed: reply type 0x\(String(r.type, radix: 16)) \(String(decoding: r.data, as: UTF8.self))")
+            }
+        }
+    }
+
+    @discardableResult
+    func sendRequest(type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) -> Bool {
+        send(nbd32(0x2560_9513) + nbd16(flags) + nbd16(type) + nbd64(cookie) + nbd64(offset) + nbd32(length) + payload)
+    }
+
+    /// A simple reply's (error, cookie).
+    func simpleReply() throws -> (error: UInt32, cookie: UInt64) {
+        let h = try receive(16)
+        #expect(nbdBE32(h, 0) == 0x6744_6698, "expected a simple reply")
+        return (nbdBE32(h, 4), nbdBE64(h, 8))
+    }
+
+    /// One structured chunk: (flags, type, cookie, payload).
+    func chunk() throws -> (flags: UInt16, type: UInt16, cookie: UInt64, payload: [UInt8]) {
+        let h = try receive(20)
+        #expect(nbdBE32(h, 0) == 0x668e_33ef, "expected a structured reply chunk")
+        let length = Int(nbdBE32(h, 16))
+        return (nbdBE16(h, 4), nbdBE16(h, 6), nbdBE64(h, 8), length > 0 ? try receive(length) : [])
+    }
+}
+
+func nbd16(_ v: UInt16) -> [UInt8] { withUnsafeBytes(of: v.bigEndian, Array.init) }
+func nbd32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.bigEndian, Array.init) }
+func nbd64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v.bigEndian, Array.init) }
+func nbdBE16(_ b: [UInt8], _ at: Int) -> UInt16 { b[at..<at + 2].reduce(0) { $0 << 8 | UInt16($1) } }
+func nbdBE32(_ b: [UInt8], _ at: Int) -> UInt32 { b[at..<at + 4].reduce(0) { $0 << 8 | UInt32($1) } }
+func nbdBE64(_ b: [UInt8], _ at: Int) -> UInt64 { b[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+
+/// A JSON value from a tool's output.
+func parseJSON(_ text: String) throws -> Any {
+    try JSONSerialization.jsonObject(with: Data(text.utf8))
+}
