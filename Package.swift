@@ -1,5 +1,6 @@
 // swift-tools-version:6.0
 import PackageDescription
+import Foundation
 
 let package = Package(
     name: "vloop",
@@ -67,3 +68,10 @@ let package = Package(
         ),
     ]
 )
+
+// Fuzz targets: built only for scripts/fuzz.sh (they need -sanitize=fuzzer for a main).
+if ProcessInfo.processInfo.environment["VLOOP_FUZZ"] != nil {
+    package.products.append(.executable(name: "vloop-fuzz", targets: ["VloopFuzz"]))
+    package.targets.append(.executableTarget(name: "VloopFuzz", dependencies: ["VirtualDisk"],
+                                             swiftSettings: [.swiftLanguageMode(.v6), .unsafeFlags(["-parse-as-library"])]))
+}

@@ -33,6 +33,13 @@ let conformanceVariants: [Variant] = [
     Variant(name: "qcow", format: .qcow, options: [], backing: []),
     Variant(name: "qcow-on-qcow2-on-raw", format: .qcow, options: [], backing: [(.raw, []), (.qcow2, [])]),
     Variant(name: "qcow2-on-qcow", format: .qcow2, options: [], backing: [(.qcow, [])]),
+    Variant(name: "vmdk-sparse", format: .vmdk, options: [], backing: []),
+    Variant(name: "vmdk-zeroed-grain", format: .vmdk, options: [("zeroed_grain", "on")], backing: []),
+    Variant(name: "vmdk-flat", format: .vmdk, options: [("subformat", "monolithicFlat")], backing: []),
+    Variant(name: "vmdk-2gb-sparse", format: .vmdk, options: [("subformat", "twoGbMaxExtentSparse")], backing: []),
+    Variant(name: "vmdk-stream", format: .vmdk, options: [("subformat", "streamOptimized")], backing: []),
+    Variant(name: "vmdk-delta-on-vmdk", format: .vmdk, options: [], backing: [(.vmdk, [("zeroed_grain", "on")])]),
+    Variant(name: "vmdk-stream-delta-on-vmdk", format: .vmdk, options: [("subformat", "streamOptimized")], backing: [(.vmdk, [])]),
 ]
 
 /// The model: what each byte must read as. After a discard a byte may read as its old

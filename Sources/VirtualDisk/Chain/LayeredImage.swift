@@ -25,7 +25,7 @@ public final class LayeredImage: DiskImage {
         try checkRange(offset, UInt64(buffer.count))
         if buffer.isEmpty { return }
         try ioLock.shared {
-            let runs = try layer.map(at: offset, length: UInt64(buffer.count))
+            let runs = try checked(layer.map(at: offset, length: UInt64(buffer.count)), offset, UInt64(buffer.count))
             for run in runs {
                 let start = Int(run.offset - offset)
                 let part = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<(start + Int(run.length))])
@@ -41,6 +41,23 @@ public final class LayeredImage: DiskImage {
                 }
             }
         }
+    }
+
+    /// A layer's runs must tile the request exactly; anything else is a bug in the
+    /// format (or metadata it failed to validate), reported instead of trapping later.
+    private func checked(_ runs: [LayerRun], _ offset: UInt64, _ length: UInt64) throws -> [LayerRun] {
+        var pos = offset
+        for r in runs {
+            guard r.offset == pos, r.length > 0, r.length <= offset + length - pos else {
+                throw ImageError(.corrupt, "\(info.format) mapping of \(offset)+\(length) is inconsistent at \(r.offset)+\(r.length); run 'vloop check'",
+                                 path: info.path, offset: r.offset)
+            }
+            pos += r.length
+        }
+        guard pos == offset + length else {
+            throw ImageError(.corrupt, "\(info.format) mapping of \(offset)+\(length) stops at \(pos)", path: info.path, offset: pos)
+        }
+        return runs
     }
 
     /// What lies below this layer: the backing image, zero-filled past its end, or zeroes.
@@ -127,7 +144,7 @@ public final class LayeredImage: DiskImage {
     public func extents(at offset: UInt64, length: UInt64) throws -> [Extent] {
         try checkRange(offset, length)
         if length == 0 { return [] }
-        let runs = try ioLock.shared { try layer.map(at: offset, length: length) }
+        let runs = try ioLock.shared { try checked(layer.map(at: offset, length: length), offset, length) }
         var out: [Extent] = []
         for run in runs {
             switch run.kind {

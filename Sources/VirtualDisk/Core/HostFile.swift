@@ -40,8 +40,17 @@ public final class HostFile: Sendable {
         return ImageError(.io, "\(op) at \(offset) failed: \(String(cString: strerror(e)))", path: path, offset: offset, errno: e)
     }
 
+    /// Offsets from image metadata can be anything: refuse what the kernel cannot take
+    /// (off_t is signed) instead of trapping on the conversion.
+    private func checkOffset(_ offset: UInt64, _ count: Int) throws {
+        if offset > UInt64(Int64.max) - UInt64(count) {
+            throw ImageError(.corrupt, "offset \(offset) is beyond any file; the image metadata is corrupt", path: path, offset: offset)
+        }
+    }
+
     /// Read exactly `buffer.count` bytes; bytes past the end of the file read as zero.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try checkOffset(offset, buffer.count)
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -64,6 +73,7 @@ public final class HostFile: Sendable {
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try checkOffset(offset, buffer.count)
         WriteRecorder.note(path, .write(path: path, offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
@@ -84,6 +94,7 @@ public final class HostFile: Sendable {
     /// Write `length` zero bytes, preferring fallocate.
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
+        try checkOffset(offset, Int(min(length, UInt64(Int.max))))
         if vl_zero_range(fd, Int64(offset), Int64(length), 0) == 0 {
             WriteRecorder.note(path, .zero(path: path, offset: offset, length: length))
             return
@@ -101,12 +112,14 @@ public final class HostFile: Sendable {
     @discardableResult
     public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
         if length == 0 { return true }
+        if offset > UInt64(Int64.max) - min(length, UInt64(Int64.max)) { return false }
         guard vl_punch_hole(fd, Int64(offset), Int64(length)) == 0 else { return false }
         WriteRecorder.note(path, .zero(path: path, offset: offset, length: length))
         return true
     }
 
     public func preallocate(at offset: UInt64, length: UInt64) throws {
+        try checkOffset(offset, Int(min(length, UInt64(Int.max))))
         let r = vl_fallocate(fd, Int64(offset), Int64(length))
         if r < 0 { throw ImageError(.io, "fallocate failed: \(String(cString: strerror(-r)))", path: path, errno: -r) }
     }
@@ -125,6 +138,7 @@ public final class HostFile: Sendable {
     }
 
     public func truncate(to size: UInt64) throws {
+        try checkOffset(size, 0)
         if ftruncate(fd, off_t(size)) != 0 { throw ioError("truncate", size) }
         WriteRecorder.note(path, .truncate(path: path, size: size))
     }
@@ -136,6 +150,7 @@ public final class HostFile: Sendable {
 
     /// Next data at or after `offset` (SEEK_DATA); nil when there is none.
     func nextData(from offset: UInt64) -> UInt64? {
+        if offset > UInt64(Int64.max) { return nil }
         let r = vl_seek_data(fd, Int64(offset))
         if r < 0 { return r == -Int64(ENXIO) ? nil : offset }
         return UInt64(r)
@@ -143,6 +158,7 @@ public final class HostFile: Sendable {
 
     /// Next hole at or after `offset` (SEEK_HOLE); the end of the file at worst.
     func nextHole(from offset: UInt64) -> UInt64 {
+        if offset > UInt64(Int64.max) { return offset }
         let r = vl_seek_hole(fd, Int64(offset))
         if r < 0 { return (try? size()) ?? offset }
         return UInt64(r)

@@ -38,7 +38,15 @@ public enum ConvertOperation {
         var pos: UInt64 = 0
         while pos < size {
             let len = min(chunk, size - pos)
-            let extents = try source.extents(at: pos, length: len)
+            // Clipped to the chunk: a source must not make us index past the buffer.
+            let extents = try source.extents(at: pos, length: len).compactMap { e -> Extent? in
+                let a = max(e.offset, pos), b = min(e.end, pos + len)
+                guard a < b else { return nil }
+                var c = e
+                c.offset = a
+                c.length = b - a
+                return c
+            }
             if let compressor {
                 if extents.contains(where: { $0.isData }) {
                     try compressChunk(compressor, source, &buffer, at: pos, length: len)
