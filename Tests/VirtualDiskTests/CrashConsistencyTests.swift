@@ -21,6 +21,9 @@ let crashVariants: [CrashVariant] = [
     CrashVariant(name: "qcow2-extl2-backed", format: .qcow2, options: [("extended_l2", "on"), ("cluster_size", "16k")], withBacking: true),
     CrashVariant(name: "qcow2-v2-backed", format: .qcow2, options: [("compat", "0.10"), ("cluster_size", "4k")], withBacking: true),
     CrashVariant(name: "qcow", format: .qcow, options: [], withBacking: false),
+    CrashVariant(name: "vhd-dynamic", format: .vhd, options: [("block_size", "64k")], withBacking: false),
+    CrashVariant(name: "vmdk-sparse", format: .vmdk, options: [], withBacking: false),
+    CrashVariant(name: "qcow2-second-workload", format: .qcow2, options: [("cluster_size", "4k")], withBacking: false),
 ]
 
 @Suite("Crash consistency")

@@ -153,8 +153,9 @@ extension QCOW2Layer {
         }
     }
 
-    /// Release the host space an L2 entry holds (under `lock`, with no I/O in flight, or
-    /// deferred).
+    /// Release the host space an L2 entry holds: once no I/O can be using it (`deferred`
+    /// waits for in-flight requests) and once the tables no longer pointing at it are
+    /// on disk (both lists are drained in order by the flush path).
     func releaseEntry(_ e: L2Entry, deferred: Bool) throws {
         var range: (UInt64, UInt64)?
         if e.isCompressed {
@@ -163,6 +164,6 @@ extension QCOW2Layer {
             range = (e.hostOffset, clusterSize)
         }
         guard let (off, len) = range else { return }
-        if deferred { deferredFrees.append((off, len)) } else { try freeRange(off, len) }
+        if deferred { deferredFrees.append((off, len)) } else { pendingDecrements.append((off, len)) }
     }
 }

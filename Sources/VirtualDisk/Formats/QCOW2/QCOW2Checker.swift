@@ -4,6 +4,9 @@
 /// verify copied flags, and optionally repair.
 extension QCOW2Layer {
     func checkLocked(repair: CheckRepair) throws -> CheckReport {
+        // Pending frees belong to the image's state: apply them first (read-only opens
+        // have none).
+        if writable { try releaseDeferredFreesLocked(); try flushLocked() }
         var report = CheckReport(format: "qcow2", path: file.path)
         let fileSize = try file.size()
         let fileClusters = fileSize.alignedUp(clusterSize) / clusterSize

@@ -35,6 +35,11 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     var freeHint: UInt64 = 0
     /// Host ranges whose references were dropped by writes; released with no I/O in flight.
     var deferredFrees: [(offset: UInt64, length: UInt64)] = []
+    /// References dropped from tables whose new contents are not on disk yet. The
+    /// refcounts go down only after those tables are written back and synced (at
+    /// flush): decreasing first could leave a crashed image with a cluster still
+    /// referenced on disk but free in its refcounts, and reused.
+    var pendingDecrements: [(offset: UInt64, length: UInt64)] = []
     private var lastDecompressed: (token: UInt64, bytes: [UInt8])?
     /// Where the next compressed cluster may be packed (convert -c).
     var compressedCursor: UInt64?
@@ -304,6 +309,19 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         if externalData { try dataFile.sync() }
         try cache.writeBack(owner: owner, barrier: { try file.sync() }, write: { off, bytes in try writePage(bytes, at: off) })
         try file.sync()
+        if !pendingDecrements.isEmpty {
+            // The tables that dropped these references are on disk now.
+            let pending = pendingDecrements
+            pendingDecrements = []
+            for f in pending { try freeRange(f.offset, f.length) }
+            try cache.writeBack(owner: owner, barrier: {}, write: { off, bytes in try writePage(bytes, at: off) })
+            try file.sync()
+        }
+    }
+
+    /// Write back early when memory or the list of pending frees grows large.
+    func writeBackIfNeeded() throws {
+        if pendingDecrements.count > 4096 || cache.isOverBudget(owner: owner) { try flushLocked() }
     }
 
     /// Write a metadata page, leaving its all-zero tail as a hole: mostly-empty tables

@@ -161,6 +161,7 @@ extension QCOW2Layer {
         try allocLock.run {
             try lock.run {
                 try releaseDeferredFreesLocked()
+                try flushLocked()
                 var snaps = try readSnapshotTable()
                 if snaps.contains(where: { $0.name == name }) {
                     throw ImageError(.invalidArgument, "a snapshot named '\(name)' exists already", path: file.path)
@@ -194,6 +195,7 @@ extension QCOW2Layer {
         try allocLock.run {
             try lock.run {
                 try releaseDeferredFreesLocked()
+                try flushLocked()
                 let snaps = try readSnapshotTable()
                 let s = snaps[try findSnapshot(snaps, name)]
                 guard UInt64(s.l1Size) <= UInt64(header.l1Size) else {
@@ -225,6 +227,7 @@ extension QCOW2Layer {
         try allocLock.run {
             try lock.run {
                 try releaseDeferredFreesLocked()
+                try flushLocked()
                 var snaps = try readSnapshotTable()
                 let s = snaps.remove(at: try findSnapshot(snaps, name))
                 try replaceSnapshotTable(snaps)
@@ -237,9 +240,9 @@ extension QCOW2Layer {
     }
 
     func releaseDeferredFreesLocked() throws {
-        let frees = deferredFrees
+        // No I/O is in flight: these may now be freed once the tables are on disk.
+        pendingDecrements += deferredFrees
         deferredFrees = []
-        for f in frees { try freeRange(f.offset, f.length) }
     }
 }
 

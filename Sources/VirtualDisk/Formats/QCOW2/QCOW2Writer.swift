@@ -24,7 +24,7 @@ extension QCOW2Layer {
             }
             pos = chunkEnd
         }
-        if cache.isOverBudget(owner: owner) { try lock.run { try flushLocked() } }
+        try lock.run { try writeBackIfNeeded() }
     }
 
     /// Contiguous writable host runs from `pos`, stopping at the first cluster that needs
@@ -193,7 +193,7 @@ extension QCOW2Layer {
             }
             pos = clusterEnd
         }
-        if cache.isOverBudget(owner: owner) { try lock.run { try flushLocked() } }
+        try lock.run { try writeBackIfNeeded() }
     }
 
     /// True when every unit touching the range already reads as zeroes in this layer
@@ -267,6 +267,7 @@ extension QCOW2Layer {
                     try releaseEntry(e, deferred: false)
                     if externalData { dataFile.punchHole(at: c * clusterSize, length: clusterSize) }
                 }
+                try writeBackIfNeeded()
             }
         }
     }
