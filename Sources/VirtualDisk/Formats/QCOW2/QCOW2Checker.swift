@@ -14,15 +14,19 @@ extension QCOW2Layer {
         // sparsely (they are errors anyway).
         var expected = [UInt16](repeating: 0, count: Int(min(fileClusters, 1 << 31)))
         var beyond: [UInt64: UInt64] = [:]
-        func ref(_ offset: UInt64, _ length: UInt64, _ what: String) {
+        func ref(_ offset: UInt64, _ length: UInt64, _ what: String, weight: Int = 1) {
             guard length > 0 else { return }
+            guard offset <= UInt64.max - length, offset + length <= fileSize.alignedUp(clusterSize) + clusterSize << 20 else {
+                report.corruptions.append("\(what) at \(offset) (\(length) bytes) lies far past the end of the file")
+                return
+            }
             let first = offset / clusterSize
             let last = (offset + length - 1) / clusterSize
             for c in first...last {
                 if c < UInt64(expected.count) {
-                    if expected[Int(c)] < UInt16.max { expected[Int(c)] += 1 }
+                    expected[Int(c)] = UInt16(min(Int(UInt16.max), Int(expected[Int(c)]) + weight))
                 } else {
-                    beyond[c, default: 0] += 1
+                    beyond[c, default: 0] += UInt64(weight)
                     if beyond.count <= 16 {
                         report.corruptions.append("\(what) at \(c * clusterSize) lies past the end of the file (\(fileSize) bytes)")
                     }
@@ -42,6 +46,10 @@ extension QCOW2Layer {
             ref(header.snapshotsOffset, snapshotTableSize(snaps), "snapshot table")
             for s in snaps { l1Tables.append((s.l1TableOffset, UInt64(s.l1Size), false)) }
         }
+        // Each L2 table is counted once per L1 entry that reaches it, shared or not (a
+        // snapshot holds one reference to each L2 table and data cluster it reaches),
+        // but scanned once: a hostile L1 pointing everywhere at one table stays cheap.
+        var l2Refs: [UInt64: Int] = [:]
         for t in l1Tables {
             ref(t.offset, t.size * 8, "L1 table")
             for i in 0..<t.size {
@@ -52,20 +60,27 @@ extension QCOW2Layer {
                     report.corruptions.append("L1 entry \(i) points to unaligned L2 table \(l2)")
                     continue
                 }
-                // Counted per L1 table that reaches it, shared or not: a snapshot
-                // holds one reference to each L2 table and data cluster it reaches.
-                ref(l2, clusterSize, "L2 table")
+                if l2 >= fileSize.alignedUp(clusterSize) {
+                    report.corruptions.append("L1 entry \(i) points to L2 table \(l2) past the end of the file")
+                    continue
+                }
+                l2Refs[l2, default: 0] += 1
+            }
+        }
+        for (l2, weight) in l2Refs.sorted(by: { $0.key < $1.key }) {
+            do {
+                ref(l2, clusterSize, "L2 table", weight: weight)
                 for j in 0..<header.l2Entries {
                     let e = try l2Entry(table: l2, index: j)
                     if e.isCompressed {
                         let (off, len) = compressedRange(e.raw)
-                        ref(off, len, "compressed cluster")
+                        ref(off, len, "compressed cluster", weight: weight)
                     } else if e.hostOffset != 0 && !externalData {
                         if e.hostOffset % clusterSize != 0 {
                             report.corruptions.append("L2 entry at \(l2 + j * header.l2EntrySize) points to unaligned cluster \(e.hostOffset)")
                             continue
                         }
-                        ref(e.hostOffset, clusterSize, "data cluster")
+                        ref(e.hostOffset, clusterSize, "data cluster", weight: weight)
                     }
                     if header.extendedL2 && e.bitmap & (e.bitmap >> 32) & 0xffff_ffff != 0 {
                         report.corruptions.append("L2 entry at \(l2 + j * header.l2EntrySize) marks subclusters both allocated and zero")
@@ -90,6 +105,7 @@ extension QCOW2Layer {
         }
         // Copied flags in the active tables must say "refcount is exactly 1".
         var flagFixes: [(table: UInt64, index: UInt64, value: UInt64, rank: Int)] = []
+        var flagScanned: Set<UInt64> = []
         for i in 0..<UInt64(header.l1Size) {
             let raw = try tableEntry(header.l1TableOffset, i)
             let l2 = raw & L2Entry.offsetMask
@@ -100,6 +116,7 @@ extension QCOW2Layer {
                 report.corruptions.append("L1 entry \(i): copied flag \(raw & L2Entry.copied != 0) but refcount \(rc)")
                 flagFixes.append((header.l1TableOffset, i, want, Self.rankL1))
             }
+            guard l2 < fileSize.alignedUp(clusterSize), flagScanned.insert(l2).inserted else { continue }
             for j in 0..<header.l2Entries {
                 let idx = header.extendedL2 ? j * 2 : j
                 let e = try tableEntry(l2, idx)

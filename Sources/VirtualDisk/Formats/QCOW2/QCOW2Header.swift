@@ -131,7 +131,13 @@ struct QCOW2Header {
         if UInt64(h.l1Size) < needL1 {
             throw ImageError.corrupt("qcow2 L1 table has \(h.l1Size) entries but \(needL1) are needed for the virtual size")
         }
-        if UInt64(h.refcountTableClusters) * cs > 1 << 32 || h.refcountTableOffset > fileSize {
+        // Both tables lie inside the file (qemu and vloop always write them there).
+        let fileEnd = fileSize.alignedUp(cs)
+        if h.l1TableOffset > fileEnd || l1Bytes > fileEnd - h.l1TableOffset {
+            throw ImageError.corrupt("qcow2 L1 table (\(h.l1Size) entries at \(h.l1TableOffset)) lies past the end of the file")
+        }
+        if UInt64(h.refcountTableClusters) * cs > 1 << 32 || h.refcountTableOffset > fileEnd
+            || UInt64(h.refcountTableClusters) * cs > fileEnd - h.refcountTableOffset {
             throw ImageError.corrupt("qcow2 refcount table (\(h.refcountTableClusters) clusters) does not fit the file")
         }
         if h.nbSnapshots > 65536 { throw ImageError.corrupt("qcow2 snapshot count \(h.nbSnapshots) is too large") }
