@@ -34,11 +34,27 @@ struct Check: ParsableCommand {
     @Option(name: .short, help: "Repair: leaks or all.") var r: String?
     @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
     @Flag(name: [.customShort("U"), .customLong("force-share")]) var forceShare = false
+    @Flag(name: .customLong("untrusted"), help: "Safety verdict for an image from a stranger: exactly one image of the claimed format (-f), no other files named, consistent. Exit 0 safe, 2 unsafe.")
+    var untrusted = false
+    @Flag(name: .customLong("allow-backing"), help: "With --untrusted: a backing file is acceptable.") var allowBacking = false
     @OptionGroup var common: CommonOptions
     @Argument var image: String
 
     func run() throws {
         var code: Int32 = 0
+        if untrusted {
+            let verdict = UntrustedInspection.inspect(path: image, claimed: try parseFormat(f), allowBacking: allowBacking)
+            if output == "json" {
+                print(verdict.json.rendered())
+            } else if verdict.safe {
+                print("\(image): safe (\(verdict.format ?? "?"), \(verdict.virtualSize ?? 0) bytes)")
+            } else {
+                print("\(image): UNSAFE")
+                for p in verdict.problems { print("  - \(p)") }
+            }
+            if !verdict.safe { throw ExitCode(2) }
+            return
+        }
         try Vloop.guarded {
             try common.apply()
             let repair: CheckRepair

@@ -15,6 +15,9 @@ public struct OpenOptions: Sendable {
     /// Names the user gave on the command line: these may be protocol names or
     /// non-regular files. Names found inside images may not.
     public var userNamed: Set<String> = []
+    /// Whether names inside the image (external data files, VMDK extents) may be
+    /// opened at all; off for `check --untrusted`. An image's own file is always allowed.
+    public var allowAuxiliaryFiles = true
     /// Where warnings go (probing a backing file whose format is not recorded).
     public var warn: @Sendable (String) -> Void = { _ in }
     public static let maxChainDepth = 16
@@ -52,6 +55,11 @@ public enum ImageOpener {
         }
     }
 
+    static func sameFile(_ a: String, _ b: String) -> Bool {
+        var sa = stat(), sb = stat()
+        return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+    }
+
     static func resolve(_ name: String, relativeTo image: String) -> String {
         if name.hasPrefix("/") { return name }
         if let slash = image.lastIndex(of: "/") {
@@ -87,6 +95,9 @@ public enum ImageOpener {
         let context = OpenContext(writable: options.writable, cache: options.cache) { name, writable in
             try vet(name: name, foundIn: dir, options: auxOptions)
             let resolved = resolve(name, relativeTo: dir)
+            if !auxOptions.allowAuxiliaryFiles && !sameFile(resolved, dir) {
+                throw ImageError(.chain, "refers to another file, '\(name)'", path: dir)
+            }
             let aux = try HostFile(path: resolved, writable: writable)
             try requireRegular(aux, name: name, foundIn: dir, options: auxOptions)
             return aux
