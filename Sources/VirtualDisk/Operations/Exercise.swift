@@ -20,7 +20,7 @@ public enum ImageExercise {
                 let n = Int(min(UInt64(buf.count), size - p))
                 _ = try? buf.withUnsafeMutableBytes { try img.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: p) }
             }
-            _ = try? img.extents(at: 0, length: min(size, 1 << 36))
+            _ = try? img.extents(at: 0, length: min(size, 1 << 30))
             if writable {
                 let data = [UInt8](repeating: 0xa5, count: 4096 + 17)
                 for p in [UInt64(0), size / 2, size > 5000 ? size - 5000 : 0] where p + UInt64(data.count) <= size {
