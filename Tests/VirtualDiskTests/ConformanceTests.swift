@@ -40,6 +40,11 @@ let conformanceVariants: [Variant] = [
     Variant(name: "vmdk-stream", format: .vmdk, options: [("subformat", "streamOptimized")], backing: []),
     Variant(name: "vmdk-delta-on-vmdk", format: .vmdk, options: [], backing: [(.vmdk, [("zeroed_grain", "on")])]),
     Variant(name: "vmdk-stream-delta-on-vmdk", format: .vmdk, options: [("subformat", "streamOptimized")], backing: [(.vmdk, [])]),
+    Variant(name: "vdi-dynamic", format: .vdi, options: [], backing: []),
+    Variant(name: "vdi-dynamic-64k", format: .vdi, options: [("block_size", "64k")], backing: []),
+    Variant(name: "vdi-static", format: .vdi, options: [("static", "on")], backing: []),
+    Variant(name: "vdi-diff-on-vdi", format: .vdi, options: [("block_size", "512k")], backing: [(.vdi, [])]),
+    Variant(name: "vdi-diff-on-vdi-diff", format: .vdi, options: [], backing: [(.vdi, [("static", "on")]), (.vdi, [("block_size", "64k")])]),
 ]
 
 /// The model: what each byte must read as. After a discard a byte may read as its old
