@@ -142,6 +142,7 @@ public enum FormatRegistry {
         case .qcow2: return try QCOW2Layer.open(file: file, context: context)
         case .qcow: return try QCOWLayer.open(file: file, context: context)
         case .vhd: return try VHDLayer.open(file: file, context: context)
+        case .vhdx: return try VHDXLayer.open(file: file, context: context)
         case .vdi: return try VDILayer.open(file: file, context: context)
         case .vmdk: return try VMDKLayer.open(file: file, context: context)
         default:

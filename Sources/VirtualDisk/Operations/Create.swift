@@ -104,6 +104,7 @@ enum FormatCreators {
     static func create(_ r: CreateRequest, size: UInt64, options: [(String, String)]) throws {
         switch r.format {
         case .vhd: try VHDLayer.create(r, size: size, options: options)
+        case .vhdx: try VHDXLayer.create(r, size: size, options: options)
         case .vdi: try VDILayer.create(r, size: size, options: options)
         case .vmdk: try VMDKLayer.create(r, size: size, options: options)
         default:
