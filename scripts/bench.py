@@ -7,7 +7,9 @@ import json, os, platform, re, shutil, signal, statistics, subprocess, sys, temp
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLOOP = os.path.join(ROOT, ".build/release/vloop")
-W = tempfile.mkdtemp(prefix="vloop-bench-", dir="/var/tmp")
+# Images live in tmpfs: "in the page cache" for every path alike, including the raw
+# loop device's direct I/O (on a disk-backed file it would measure the disk).
+W = tempfile.mkdtemp(prefix="vloop-bench-", dir="/dev/shm")
 SIZE_MB = 1024
 RUNTIME = 6
 
@@ -176,7 +178,7 @@ def write_report(results, space):
              f"Measured by `bash scripts/bench.sh {RUNS}` on {platform.node()}: {os.cpu_count()} cores ({cpu}), "
              f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, kernel {platform.release()}, "
              f"{time.strftime('%Y-%m-%d')}. Images are {SIZE_MB} MiB (qcow2, 64 KiB clusters, written with random data), "
-             f"files in the page cache; each figure is the median of {RUNS} interleaved runs of {RUNTIME} s fio jobs "
+             f"files in tmpfs; each figure is the median of {RUNS} interleaved runs of {RUNTIME} s fio jobs "
              "(libaio, O_DIRECT on the device) or whole-image copies. Ratios are vloop / peer.", ""]
     titles = {"attach": "Block device: `vloop attach` vs qemu-storage-daemon FUSE export + loop, and a raw file on a loop device",
               "nbd": "NBD: `vloop serve` vs `qemu-nbd --cache=writeback` (fio nbd engine, nbdcopy)",
