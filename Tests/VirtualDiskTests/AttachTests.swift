@@ -22,6 +22,14 @@ let attachVariants: [AttachVariant] = [
                                                   ["create", "-q", "-f", "qcow2", "-b", "base", "-F", "raw", "disk"]], qemuFormat: "qcow2"),
     AttachVariant(name: "qcow", create: [["create", "-q", "-f", "qcow", "disk", "96M"]], qemuFormat: "qcow"),
     AttachVariant(name: "raw", create: [["create", "-q", "-f", "raw", "disk", "96M"]], qemuFormat: "raw"),
+    AttachVariant(name: "vhd-dynamic", create: [["create", "-q", "-f", "vhd", "disk", "96M"]], qemuFormat: nil),
+    AttachVariant(name: "vhd-fixed", create: [["create", "-q", "-f", "vhd", "-o", "subformat=fixed", "disk", "96M"]], qemuFormat: nil),
+    AttachVariant(name: "vhd-differencing", create: [["create", "-q", "-f", "vhd", "base.vhd", "96M"],
+                                                     ["create", "-q", "-f", "vhd", "-b", "base.vhd", "-F", "vhd", "disk"]], qemuFormat: nil),
+    AttachVariant(name: "vmdk-monolithicSparse", create: [["create", "-q", "-f", "vmdk", "disk", "96M"]], qemuFormat: "vmdk"),
+    AttachVariant(name: "vmdk-twoGbMaxExtentSparse", create: [["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "disk", "96M"]], qemuFormat: "vmdk"),
+    AttachVariant(name: "vmdk-streamOptimized", create: [["create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", "disk", "96M"]], qemuFormat: nil),
+    AttachVariant(name: "vdi", create: [["create", "-q", "-f", "vdi", "disk", "96M"]], qemuFormat: "vdi"),
 ]
 
 @Suite("Attach as a block device", .enabled(if: canAttach), .serialized)
@@ -79,6 +87,14 @@ struct AttachTests {
         try sh(["mount", "-o", "ro", ro, mnt])
         defer { _ = try? sh(["umount", mnt], check: false) }
         try verify(mnt, sums)
+        // A second reader that no one here wrote agrees with the contents where qemu
+        // reads the format right (qemu ignores VHD parents and cannot rewrite streams).
+        if v.name == "vhd-dynamic" || v.name == "vhd-fixed" || v.name == "vmdk-streamOptimized" {
+            let raw = dir.file("check.raw")
+            // qemu probes a fixed VHD as raw: name the format.
+            try sh(["qemu-img", "convert", "-U", "-f", v.name.hasPrefix("vhd") ? "vpc" : "vmdk", "-O", "raw", "disk", raw], cwd: dir.path)
+            try sh(["qemu-img", "compare", "-U", "-f", "raw", raw, ro])
+        }
         // A read-only device refuses writes.
         #expect(try sh(["sh", "-c", "echo x > \(mnt)/new"], check: false).status != 0)
     }
@@ -130,6 +146,26 @@ struct AttachTests {
         #expect(a != b && b != r1)
         // But the base cannot be written while overlays use it.
         #expect(try sh([vloopBinary, "attach", "base.qcow2"], cwd: dir.path, check: false).status != 0)
+    }
+
+    @Test("qemu-nbd and vloop attach refuse to share an image for writing, both ways")
+    func qemuNBDLocks() throws {
+        let dir = TempDir()
+        _ = try vloop(["create", "-q", "-f", "qcow2", "img.qcow2", "32M"], cwd: dir.path)
+        let port = 20000 + Int(getpid() % 10000)
+        let nbd = Process()
+        nbd.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-nbd")
+        nbd.arguments = ["-f", "qcow2", "-p", String(port), "-t", dir.file("img.qcow2")]
+        try nbd.run()
+        Thread.sleep(forTimeInterval: 1.0)
+        let refused = try sh([vloopBinary, "attach", "img.qcow2"], cwd: dir.path, check: false)
+        kill(nbd.processIdentifier, SIGKILL)  // qemu-nbd -t does not stop on SIGTERM while idle
+        nbd.waitUntilExit()
+        #expect(refused.status != 0 && refused.err.contains("lock"), "attach while qemu-nbd serves: \(refused.err)")
+        let dev = try vloop(["attach", "img.qcow2"], cwd: dir.path)
+        defer { _ = try? vloop(["detach", "--force", dev], cwd: dir.path) }
+        let q = try sh(["qemu-nbd", "-f", "qcow2", "-p", String(port + 1), dir.file("img.qcow2")], check: false)
+        #expect(q.status != 0 && q.err.contains("lock"), "qemu-nbd while attached: \(q.err)")
     }
 
     @Test("vloop mount finds the partition with a file system")

@@ -16,6 +16,12 @@ extension QCOW2Layer {
                 pos = guest + len
             }
             if pos >= end { break }
+            // Whole unallocated clusters: allocated as one contiguous run, one write.
+            if pos % clusterSize == 0 && end - pos >= clusterSize && !externalData {
+                let start = Int(pos - offset)
+                let n = try allocLock.run { try writeFreshRun(data, from: start, at: pos, end: end) }
+                if n > 0 { pos += n * clusterSize; continue }
+            }
             let chunkEnd = min(end, (pos / clusterSize + 1) * clusterSize)
             let start = Int(pos - offset)
             try allocLock.run {
@@ -25,6 +31,44 @@ extension QCOW2Layer {
             pos = chunkEnd
         }
         try lock.run { try writeBackIfNeeded() }
+    }
+
+    /// Write whole clusters from `pos` that are unallocated here (no host cluster, no
+    /// zero flag, no subcluster state) into one run of new clusters at the end of the
+    /// file: one data write, then the L2 entries. Returns how many clusters it wrote (0
+    /// when the first cluster does not qualify, or free space below the end must be
+    /// reused first). Runs under `allocLock`.
+    private func writeFreshRun(_ data: UnsafeRawBufferPointer, from start: Int, at pos: UInt64, end: UInt64) throws -> UInt64 {
+        let first = pos / clusterSize
+        let maxClusters = min((end - pos) / clusterSize, 512)
+        let (count, host): (UInt64, UInt64) = try lock.run {
+            var n: UInt64 = 0
+            while n < maxClusters {
+                let e = try l2Entry(guestCluster: first + n)
+                guard e.raw == 0 && e.bitmap == 0 else { break }
+                n += 1
+            }
+            guard n > 0 else { return (0, 0) }
+            // Reuse freed clusters first (the one-by-one path does); append only when
+            // nothing below the end of the file is free.
+            while freeHint < endCluster, try refcount(cluster: freeHint) != 0 { freeHint += 1 }
+            guard freeHint >= endCluster else { return (0, 0) }
+            let h = try allocateContiguous(n)
+            freeHint = endCluster
+            for k in 0..<n { cache.invalidate(owner: owner, offset: h + k * clusterSize) }
+            return (n, h)
+        }
+        guard count > 0 else { return 0 }
+        let bytes = Int(count * clusterSize)
+        try dataFile.write(UnsafeRawBufferPointer(rebasing: data[start..<(start + bytes)]), at: host)
+        // Data is written; now expose it.
+        try lock.run {
+            for k in 0..<count {
+                try setL2Entry(guestCluster: first + k,
+                               L2Entry(raw: (host + k * clusterSize) | L2Entry.copied, bitmap: header.extendedL2 ? 0xffff_ffff : 0))
+            }
+        }
+        return count
     }
 
     /// Contiguous writable host runs from `pos`, stopping at the first cluster that needs
@@ -107,7 +151,10 @@ extension QCOW2Layer {
         }
         var buffer = [UInt8](repeating: 0, count: Int(spanEnd - spanStart))
         try buffer.withUnsafeMutableBytes { buf in
-            try currentView(e, at: spanStart, into: buf, below: below)
+            // What the write does not cover keeps its current contents (copy-on-write).
+            if pos != spanStart || UInt64(data.count) != spanEnd - spanStart {
+                try currentView(e, at: spanStart, into: buf, below: below)
+            }
             let at = Int(pos - spanStart)
             UnsafeMutableRawBufferPointer(rebasing: buf[at..<(at + data.count)]).copyMemory(from: data)
         }
