@@ -30,6 +30,11 @@ let attachVariants: [AttachVariant] = [
     AttachVariant(name: "vmdk-twoGbMaxExtentSparse", create: [["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "disk", "96M"]], qemuFormat: "vmdk"),
     AttachVariant(name: "vmdk-streamOptimized", create: [["create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", "disk", "96M"]], qemuFormat: nil),
     AttachVariant(name: "vdi", create: [["create", "-q", "-f", "vdi", "disk", "96M"]], qemuFormat: "vdi"),
+    AttachVariant(name: "vhdx-dynamic", create: [["create", "-q", "-f", "vhdx", "disk", "96M"]], qemuFormat: "vhdx"),
+    AttachVariant(name: "vhdx-fixed", create: [["create", "-q", "-f", "vhdx", "-o", "subformat=fixed", "disk", "96M"]], qemuFormat: "vhdx"),
+    AttachVariant(name: "vhdx-4k-sectors", create: [["create", "-q", "-f", "vhdx", "-o", "logical_sector_size=4096", "disk", "96M"]], qemuFormat: nil),
+    AttachVariant(name: "vhdx-differencing", create: [["create", "-q", "-f", "vhdx", "base.vhdx", "96M"],
+                                                      ["create", "-q", "-f", "vhdx", "-b", "base.vhdx", "-F", "vhdx", "disk"]], qemuFormat: nil),
 ]
 
 @Suite("Attach as a block device", .enabled(if: canAttach), .serialized)
@@ -65,6 +70,9 @@ struct AttachTests {
         try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
         let dev = try vloop(["attach", "disk"], cwd: dir.path)
         #expect(dev.hasPrefix("/dev/loop"))
+        // The device's logical block size is the image's sector size.
+        let sectorSize = try sh(["blockdev", "--getss", dev]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(sectorSize == (v.name.contains("4k-sectors") ? "4096" : "512"), "\(v): logical block size \(sectorSize)")
         var sums: [String: String] = [:]
         do {
             try sh(["mkfs.ext4", "-q", "-F", dev])
