@@ -87,7 +87,7 @@ struct VMDKCase: CustomStringConvertible, Sendable {
     var description: String { "\(subformat) \(size)" }
 }
 
-@Suite("VMDK")
+@Suite("VMDK", .serialized)  // the twoGbMaxExtent cases hold 2 GiB images in memory: one at a time
 struct VMDKTests {
     // MARK: descriptor
 
