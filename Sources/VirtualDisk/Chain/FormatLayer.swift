@@ -69,3 +69,21 @@ extension FormatLayer {
     public var hasDeferredFrees: Bool { false }
     public func releaseDeferredFrees() throws {}
 }
+
+extension Array where Element == LayerRun {
+    /// Append a run, merging it into the last one when it continues it: zero after
+    /// zero, unallocated after unallocated, stored data contiguous in the same file.
+    /// Every format's `map` builds its result this way.
+    public mutating func appendMerging(_ run: LayerRun) {
+        if var last = self.last, last.offset + last.length == run.offset {
+            switch (last.kind, run.kind) {
+            case (.zero, .zero), (.unallocated, .unallocated):
+                last.length += run.length; self[count - 1] = last; return
+            case let (.stored(f1, h1), .stored(f2, h2)) where f1 === f2 && h1 + last.length == h2:
+                last.length += run.length; self[count - 1] = last; return
+            default: break
+            }
+        }
+        append(run)
+    }
+}

@@ -298,16 +298,7 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
     func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
         var runs: [LayerRun] = []
         func add(_ at: UInt64, _ len: UInt64, _ kind: LayerRun.Kind) {
-            if var last = runs.last, last.offset + last.length == at {
-                switch (last.kind, kind) {
-                case (.zero, .zero), (.unallocated, .unallocated):
-                    last.length += len; runs[runs.count - 1] = last; return
-                case let (.stored(f1, h1), .stored(f2, h2)) where f1 === f2 && h1 + last.length == h2:
-                    last.length += len; runs[runs.count - 1] = last; return
-                default: break
-                }
-            }
-            runs.append(LayerRun(offset: at, length: len, kind: kind))
+            runs.appendMerging(LayerRun(offset: at, length: len, kind: kind))
         }
         func stored(_ at: UInt64, _ len: UInt64, _ host: UInt64) {
             // Bytes the in-memory log replay changed are read through `readEncoded`.
