@@ -1,9 +1,17 @@
-/// Layers that can store a cluster compressed (`convert -c`).
+import Dispatch
+
+/// Layers that can store a cluster compressed (`convert -c`). Compression and storage
+/// are separate steps so that units can be compressed on several threads while they
+/// are stored one after another in guest order, which keeps the output deterministic.
 public protocol CompressingLayer: FormatLayer {
     /// Allocation unit for compressed writes.
     var compressionUnit: UInt64 { get }
-    /// Store one whole unit compressed (or plainly, if it does not shrink).
-    func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Compress one unit (the whole unit, or the tail of the disk). Touches no state:
+    /// safe to call from any thread. nil: the unit does not shrink and is stored plainly.
+    func compressUnit(_ data: UnsafeRawBufferPointer, at offset: UInt64) -> [UInt8]?
+    /// Store one unit: `packed` as `compressUnit` returned it for `data`, or nil to
+    /// store `data` plainly.
+    func storeUnit(_ data: UnsafeRawBufferPointer, packed: [UInt8]?, at offset: UInt64) throws
 }
 
 public struct ConvertOptions: Sendable {
@@ -32,7 +40,8 @@ public enum ConvertOperation {
         }
         let targetBacking = target.backingImage
         var chunk: UInt64 = 2 << 20
-        if let c = compressor { chunk = max(c.compressionUnit, chunk / c.compressionUnit * c.compressionUnit) }
+        // Compressed output: larger chunks give every core enough units per pass.
+        if let c = compressor { chunk = max(c.compressionUnit, (8 << 20) / c.compressionUnit * c.compressionUnit) }
         var buffer = [UInt8](repeating: 0, count: Int(chunk))
         var base = [UInt8](repeating: 0, count: targetBacking == nil ? 0 : Int(chunk))
         var pos: UInt64 = 0
@@ -153,19 +162,41 @@ public enum ConvertOperation {
         }
     }
 
-    /// Compress a whole chunk, unit by unit; all-zero units are left unallocated.
+    /// Compress a whole chunk: its units are compressed in parallel (one task per core),
+    /// then stored in guest order. All-zero units are left unallocated.
     private static func compressChunk(_ c: CompressingLayer, _ source: DiskImage, _ buffer: inout [UInt8],
                                       at pos: UInt64, length len: UInt64) throws {
-        let unit = c.compressionUnit
+        let unit = Int(c.compressionUnit)
         try buffer.withUnsafeMutableBytes { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<Int(len)]), at: pos) }
-        var u: UInt64 = 0
-        while u < len {
-            let n = Int(min(unit, len - u))
-            let a = Int(u)
-            if !isZero(buffer, a, a + n) {
-                try buffer.withUnsafeBytes { try c.writeCompressed(UnsafeRawBufferPointer(rebasing: $0[a..<(a + n)]), at: pos + u) }
+        let units = stride(from: 0, to: Int(len), by: unit).map { $0..<min($0 + unit, Int(len)) }.filter { !isZero(buffer, $0.lowerBound, $0.upperBound) }
+        guard !units.isEmpty else { return }
+        let packed = PackedUnits(count: units.count)
+        let input = buffer  // shared, not copied: nothing writes `buffer` during the pass
+        DispatchQueue.concurrentPerform(iterations: units.count) { i in
+            let r = units[i]
+            packed.set(i, input.withUnsafeBytes { c.compressUnit(UnsafeRawBufferPointer(rebasing: $0[r]), at: pos + UInt64(r.lowerBound)) })
+        }
+        try buffer.withUnsafeBytes { raw in
+            for (i, r) in units.enumerated() {
+                try c.storeUnit(UnsafeRawBufferPointer(rebasing: raw[r]), packed: packed.get(i), at: pos + UInt64(r.lowerBound))
             }
-            u += unit
         }
     }
+}
+
+/// Results of a parallel compression pass: each slot is written by exactly one task.
+private final class PackedUnits: @unchecked Sendable {
+    // Safe: `concurrentPerform` gives every index to one task, and the slots are read
+    // only after it returns. Raw storage, so that no task takes an access to a shared array.
+    private let slots: UnsafeMutableBufferPointer<[UInt8]?>
+    init(count: Int) {
+        slots = .allocate(capacity: count)
+        slots.initialize(repeating: nil)
+    }
+    deinit {
+        slots.deinitialize()
+        slots.deallocate()
+    }
+    func set(_ i: Int, _ v: [UInt8]?) { slots[i] = v }
+    func get(_ i: Int) -> [UInt8]? { slots[i] }
 }

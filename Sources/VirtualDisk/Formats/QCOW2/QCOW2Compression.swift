@@ -6,15 +6,11 @@ import CVloop
 extension QCOW2Layer: CompressingLayer {
     public var compressionUnit: UInt64 { clusterSize }
 
-    public func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        guard !externalData else {
-            throw ImageError(.unsupported, "compressed clusters cannot be used with an external data file", path: file.path)
-        }
-        let c = offset / clusterSize
-        guard offset % clusterSize == 0 else { throw ImageError(.invalidArgument, "compressed writes must be cluster aligned") }
-        var full = [UInt8](repeating: 0, count: Int(clusterSize))
-        full.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<min(data.count, Int(clusterSize))])) }
-        var out = [UInt8](repeating: 0, count: Int(clusterSize))
+    public func compressUnit(_ data: UnsafeRawBufferPointer, at offset: UInt64) -> [UInt8]? {
+        let size = Int(clusterSize)
+        var full = [UInt8](repeating: 0, count: size)
+        full.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<min(data.count, size)])) }
+        var out = [UInt8](repeating: 0, count: size)
         let n: Int = full.withUnsafeBytes { src in
             out.withUnsafeMutableBytes { dst in
                 header.compressionType == 1
@@ -22,16 +18,31 @@ extension QCOW2Layer: CompressingLayer {
                     : Int(vl_deflate_raw(src.baseAddress, src.count, dst.baseAddress, dst.count - 1, 6))
             }
         }
-        if n <= 0 || n >= Int(clusterSize) - 512 {
-            // Does not shrink: store plainly.
+        // Not worth it unless it saves at least a sector.
+        guard n > 0, n < size - 512 else { return nil }
+        out.removeSubrange(n...)
+        return out
+    }
+
+    public func storeUnit(_ data: UnsafeRawBufferPointer, packed: [UInt8]?, at offset: UInt64) throws {
+        guard !externalData else {
+            throw ImageError(.unsupported, "compressed clusters cannot be used with an external data file", path: file.path)
+        }
+        let c = offset / clusterSize
+        guard offset % clusterSize == 0 else { throw ImageError(.invalidArgument, "compressed writes must be cluster aligned") }
+        guard let packed else {
+            // Does not shrink: store plainly (the whole cluster, zero-padded at the disk's end).
+            var full = [UInt8](repeating: 0, count: Int(clusterSize))
+            full.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: data[0..<min(data.count, Int(clusterSize))])) }
             try full.withUnsafeBytes { try write($0, at: offset, below: { _, b in b.initializeMemory(as: UInt8.self, repeating: 0) }) }
             return
         }
+        let n = packed.count
         try allocLock.run {
             try lock.run {
                 let old = try l2Entry(guestCluster: c)
                 let host = try allocateCompressedBytes(UInt64(n))
-                try file.write(UnsafeRawBufferPointer(start: out, count: n), at: host)
+                try file.write(packed, at: host)
                 let x = 62 - (UInt64(header.clusterBits) - 8)
                 let sectors = (host + UInt64(n) - 1) / 512 - host / 512
                 let entry = L2Entry.compressed | host | sectors << x

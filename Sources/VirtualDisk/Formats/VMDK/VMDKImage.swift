@@ -331,8 +331,28 @@ extension VMDKLayer: CompressingLayer {
         return g > 0 ? g : 65536
     }
 
+    /// The streamOptimized extent grain that `data` at `offset` exactly covers, if any.
+    private func compressedGrain(_ offset: UInt64, _ count: Int) -> (Placed, VMDKSparseExtent, UInt64)? {
+        let ps = pieces(offset, UInt64(count))
+        guard ps.count == 1, let s = ps[0].0.store as? VMDKSparseExtent, s.compressed else { return nil }
+        let local = ps[0].1
+        guard local % s.grainBytes == 0, UInt64(count) == min(s.grainBytes, s.length - local) else { return nil }
+        return (ps[0].0, s, local / s.grainBytes)
+    }
+
     /// Compressed extents compress every grain anyway; other extents store it plainly.
-    public func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try write(data, at: offset, below: { _, b in b.initializeMemory(as: UInt8.self, repeating: 0) })
+    public func compressUnit(_ data: UnsafeRawBufferPointer, at offset: UInt64) -> [UInt8]? {
+        guard compressedGrain(offset, data.count) != nil else { return nil }
+        return VMDKZlib.compress(data, capacity: data.count * 2 + 1024)
+    }
+
+    public func storeUnit(_ data: UnsafeRawBufferPointer, packed: [UInt8]?, at offset: UInt64) throws {
+        guard let packed, let (p, s, g) = compressedGrain(offset, data.count) else {
+            try write(data, at: offset, below: { _, b in b.initializeMemory(as: UInt8.self, repeating: 0) })
+            return
+        }
+        try noteFirstWrite()
+        try requireWritable(p)
+        try s.storePackedGrain(g, packed: packed, bytes: data)
     }
 }

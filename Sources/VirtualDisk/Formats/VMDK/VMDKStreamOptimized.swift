@@ -150,15 +150,36 @@ extension VMDKSparseExtent {
         let n = Int(min(grainBytes, length - p.grain * grainBytes))
         let packed: [UInt8]? = p.bytes.withUnsafeBytes { VMDKZlib.compress(UnsafeRawBufferPointer(rebasing: $0[0..<n]), capacity: n * 2 + 1024) }
         guard let packed else { throw ImageError(.io, "cannot compress grain \(p.grain)", path: sparseFile.path, format: "vmdk") }
+        try appendGrainLocked(p.grain, packed: packed, bytes: p.bytes)
+    }
+
+    /// Store grain `g` compressed beforehand by `VMDKZlib.compress` from `bytes` (the
+    /// whole grain, or the extent's tail): `convert -c` compresses grains on several
+    /// threads and stores them here in order.
+    func storePackedGrain(_ g: UInt64, packed: [UInt8], bytes: UnsafeRawBufferPointer) throws {
+        if g * grainBytes >= capacity { throw outsideCapacity(g) }
+        var whole = [UInt8](repeating: 0, count: Int(grainBytes))
+        whole.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[0..<min(bytes.count, Int(grainBytes))])) }
+        try allocLock.run {
+            try lock.run {
+                if let p = pending, p.grain == g { pending = nil }
+                try commitPendingLocked()
+                try appendGrainLocked(g, packed: packed, bytes: whole)
+            }
+        }
+    }
+
+    /// Append a grain record holding `packed` and point grain `g`'s entry at it. Under `lock`.
+    private func appendGrainLocked(_ g: UInt64, packed: [UInt8], bytes: [UInt8]) throws {
         var record = [UInt8](repeating: 0, count: (12 + packed.count + 511) / 512 * 512)
-        record.putLE64(p.grain * grainBytes / 512, at: 0)
+        record.putLE64(g * grainBytes / 512, at: 0)
         record.putLE32(UInt32(packed.count), at: 8)
         record.putBytes(packed, at: 12)
         let host = try reserveLocked(UInt64(record.count))
         try sparseFile.write(record, at: host)
-        decoded.withLock { $0 = (host, p.bytes) }
-        try ensureGTLocked(p.grain / gtEntries)
-        try setGTEntry(p.grain, host / 512)
+        decoded.withLock { $0 = (host, bytes) }
+        try ensureGTLocked(g / gtEntries)
+        try setGTEntry(g, host / 512)
     }
 
     /// Append the changed grain tables, a new grain directory, footer and end-of-stream
