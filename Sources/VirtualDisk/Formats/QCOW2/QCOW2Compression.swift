@@ -52,13 +52,22 @@ extension QCOW2Layer: CompressingLayer {
         }
     }
 
-    /// Byte-granular allocation for compressed data, continuing in the last host
-    /// cluster used for it when the data fits, else in fresh clusters at the end.
+    /// Byte-granular allocation for compressed data, packed as qemu packs it: each piece
+    /// starts where the last one ended when that was in the last cluster of the file,
+    /// and may run on into fresh clusters right after it. Every host cluster a piece
+    /// touches holds one reference for it.
     private func allocateCompressedBytes(_ n: UInt64) throws -> UInt64 {
-        if let cursor = compressedCursor, cursor % clusterSize != 0,
-           cursor / clusterSize == (cursor + n - 1) / clusterSize, cursor / clusterSize + 1 == endCluster {
-            let cl = cursor / clusterSize
-            try setRefcount(cluster: cl, try refcount(cluster: cl) + 1)
+        if let cursor = compressedCursor, cursor % clusterSize != 0, cursor / clusterSize + 1 == endCluster {
+            let first = cursor / clusterSize
+            let last = (cursor + n - 1) / clusterSize
+            try setRefcount(cluster: first, try refcount(cluster: first) + 1)
+            if last > first {
+                // `endCluster` is `first + 1` here, so these follow on directly.
+                let more = try allocateContiguous(last - first)
+                guard more == (first + 1) * clusterSize else {
+                    throw ImageError(.io, "compressed data allocation was not contiguous", path: file.path, format: "qcow2")
+                }
+            }
             compressedCursor = cursor + n
             return cursor
         }
