@@ -12,6 +12,8 @@ VLOOP = os.path.join(ROOT, ".build/release/vloop")
 W = tempfile.mkdtemp(prefix="vloop-bench-", dir="/dev/shm")
 SIZE_MB = 1024
 RUNTIME = 6
+ATTACH_FORMATS = ["qcow2", "vhdx", "vmdk"]
+SPACE_FORMATS = [("qcow2", "qcow2"), ("qcow", "qcow"), ("vpc", "vhd"), ("vhdx", "vhdx"), ("vmdk", "vmdk"), ("vdi", "vdi"), ("raw", "raw")]
 
 
 def sh(cmd, **kw):
@@ -33,7 +35,7 @@ def fio(target, rw, bs, qd, engine="libaio", extra=""):
 def make_images():
     raw = f"{W}/src.raw"
     sh(f"dd if=/dev/urandom of={raw} bs=1M count={SIZE_MB} status=none")
-    for fmt in ["qcow2"]:
+    for fmt in ATTACH_FORMATS:
         sh(f"qemu-img convert -O {fmt} {raw} {W}/full.{fmt}")
     return raw
 
@@ -115,16 +117,20 @@ def main():
     port = 10900
     for run in range(RUNS):
         # Block device paths: interleaved per run.
-        for kind, target, fmt in [("raw", raw, "raw"), ("qsd", img, "qcow2"), ("vloop", img, "qcow2")]:
+        paths = [("raw", raw, "raw")] + [(k, f"{W}/full.{f}", f) for f in ATTACH_FORMATS for k in ["qsd", "vloop"]]
+        for kind, target, fmt in paths:
+            row = kind if kind == "raw" else f"{kind} {fmt}"
             with Attached(kind, target, fmt) as a:
-                add("attach", kind, "seq read 1M QD4 (MB/s)", fio(a.dev, "read", "1M", 4)[0] / 1e6)
-                add("attach", kind, "4k randread QD32 (kIOPS)", fio(a.dev, "randread", "4k", 32)[1] / 1e3)
-                add("attach", kind, "4k randread QD1 (kIOPS)", fio(a.dev, "randread", "4k", 1)[1] / 1e3)
-        for kind, fmt in [("raw", "raw"), ("qsd", "qcow2"), ("vloop", "qcow2")]:
-            target = f"{W}/w.raw" if kind == "raw" else fresh("qcow2", "w")
+                add("attach", row, "seq read 1M QD4 (MB/s)", fio(a.dev, "read", "1M", 4)[0] / 1e6)
+                add("attach", row, "4k randread QD32 (kIOPS)", fio(a.dev, "randread", "4k", 32)[1] / 1e3)
+                add("attach", row, "4k randread QD1 (kIOPS)", fio(a.dev, "randread", "4k", 1)[1] / 1e3)
+        for kind, _, fmt in paths:
+            row = kind if kind == "raw" else f"{kind} {fmt}"
+            target = f"{W}/w.raw" if kind == "raw" else fresh(fmt, "w")
             if kind == "raw": sh(f"truncate -s 0 {target}; truncate -s {SIZE_MB}M {target}")
             with Attached(kind, target, fmt) as a:
-                add("attach", kind, "4k randwrite QD32, fresh image (kIOPS)", fio(a.dev, "randwrite", "4k", 32)[1] / 1e3)
+                add("attach", row, "4k randwrite QD32, fresh image (kIOPS)", fio(a.dev, "randwrite", "4k", 32)[1] / 1e3)
+                add("attach", row, "4k randwrite QD1 (kIOPS)", fio(a.dev, "randwrite", "4k", 1)[1] / 1e3)
         # NBD.
         for kind in ["qemu-nbd", "vloop"]:
             port += 1
@@ -148,25 +154,26 @@ def main():
                 add("convert", kind, label, SIZE_MB * 1.048576 / (time.time() - t))
                 os.unlink(o)
 
-    # Space after mkfs on 100 MiB.
+    # Space on 100 MiB: empty, after mkfs.ext2, after mkfs.ext4 (each on a fresh image).
     space = {}
-    for fmt in ["qcow2", "qcow", "vpc", "raw"]:
+    for qfmt, vfmt in SPACE_FORMATS:
         for tool in ["qemu-img", "vloop"]:
-            p = f"{W}/space.{fmt}"
-            if os.path.exists(p): os.unlink(p)
-            if tool == "vloop":
-                sh(f"{VLOOP} create -q -f {fmt} {p} 100M")
-            else:
-                sh(f"qemu-img create -q -f {fmt} {p} 100M")
-            empty = int(sh(f"du -B1 {p}").split()[0])
-            if tool == "vloop":
-                dev = sh(f"{VLOOP} attach {p}"); sh(f"mkfs.ext4 -q {dev}"); sh(f"{VLOOP} detach {dev}")
-            else:
-                q = Attached("qsd", p, fmt if fmt != "vpc" else "vpc")
-                with q as a: sh(f"mkfs.ext4 -q {a.dev}"); sh("sync")
-            after = int(sh(f"du -B1 {p}").split()[0])
-            space.setdefault(fmt, {})[tool] = (empty, after, os.path.getsize(p))
-            os.unlink(p)
+            row = space.setdefault((vfmt, tool), {})
+            for mkfs in ["ext2", "ext4"]:
+                p = f"{W}/space.{vfmt}"
+                if os.path.exists(p): os.unlink(p)
+                if tool == "vloop":
+                    sh(f"{VLOOP} create -q -f {vfmt} {p} 100M")
+                else:
+                    sh(f"qemu-img create -q -f {qfmt} {p} 100M")
+                row["empty"] = int(sh(f"du -B1 {p}").split()[0])
+                if tool == "vloop":
+                    dev = sh(f"{VLOOP} attach {p}"); sh(f"mkfs.{mkfs} -q {dev}"); sh(f"{VLOOP} detach {dev}")
+                else:
+                    with Attached("qsd", p, qfmt) as a: sh(f"mkfs.{mkfs} -q {a.dev}"); sh("sync")
+                row[mkfs] = int(sh(f"du -B1 {p}").split()[0])
+                row[mkfs + " size"] = os.path.getsize(p)
+                os.unlink(p)
 
     write_report(results, space)
     shutil.rmtree(W, ignore_errors=True)
@@ -177,7 +184,7 @@ def write_report(results, space):
     lines = ["# Benchmarks", "",
              f"Measured by `bash scripts/bench.sh {RUNS}` on {platform.node()}: {os.cpu_count()} cores ({cpu}), "
              f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, kernel {platform.release()}, "
-             f"{time.strftime('%Y-%m-%d')}. Images are {SIZE_MB} MiB (qcow2, 64 KiB clusters, written with random data), "
+             f"{time.strftime('%Y-%m-%d')}. Images are {SIZE_MB} MiB (qcow2, vhdx, vmdk as qemu-img converts a file of random data into them), "
              f"files in tmpfs; each figure is the median of {RUNS} interleaved runs of {RUNTIME} s fio jobs "
              "(libaio, O_DIRECT on the device) or whole-image copies. Ratios are vloop / peer.", ""]
     titles = {"attach": "Block device: `vloop attach` vs qemu-storage-daemon FUSE export + loop, and a raw file on a loop device",
@@ -185,21 +192,30 @@ def write_report(results, space):
               "convert": "`vloop convert` vs `qemu-img convert`"}
     for table, rows in results.items():
         cols = list(next(iter(rows.values())).keys())
-        peers = [r for r in rows if r != "vloop"]
         lines += [f"## {titles[table]}", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r, vals in rows.items():
             lines.append(f"| {r} | " + " | ".join(f"{median(vals[c]):.1f}" for c in cols) + " |")
-        for p in peers:
-            lines.append(f"| vloop / {p} | " + " | ".join(f"{median(rows['vloop'][c]) / median(rows[p][c]):.2f}×" for c in cols) + " |")
+        # vloop against each peer on the same format, and against the raw loop device.
+        for v in [r for r in rows if r.split()[0] == "vloop"]:
+            fmt = v.split()[1] if " " in v else None
+            for p in [r for r in rows if r.split()[0] != "vloop" and (r == "raw" or " " not in r or r.split()[1] == fmt)]:
+                lines.append(f"| {v} / {p} | " + " | ".join(f"{median(rows[v][c]) / median(rows[p][c]):.2f}×" for c in cols) + " |")
         lines.append("")
-    lines += ["## Space after `mkfs.ext4` on a 100 MiB image", "",
-              "Allocated bytes (du) when empty and after mkfs.ext4 through a block device (vloop attach; qemu-storage-daemon for qemu's images), and the file size.", "",
-              "| format | qemu-img empty | vloop empty | qemu after mkfs | vloop after mkfs | qemu file size | vloop file size |", "|---|---|---|---|---|---|---|"]
-    for fmt, t in space.items():
-        q, v = t["qemu-img"], t["vloop"]
-        lines.append(f"| {fmt} | {q[0]} | {v[0]} | {q[1]} | {v[1]} | {q[2]} | {v[2]} |")
+    mib = lambda b: f"{b / 2**20:.2f}"
+    lines += ["## Space on a 100 MiB image", "",
+              "Allocated MiB (du) of a new image, and after mkfs.ext2 or mkfs.ext4 (each on a fresh image) through a block "
+              "device: `vloop attach` for vloop's images, a qemu-storage-daemon FUSE export + loop for qemu-img's. "
+              "File size (MiB) after mkfs.ext4 in the last column.", "",
+              "| format | made by | empty | after mkfs.ext2 | after mkfs.ext4 | file size |", "|---|---|---|---|---|---|"]
+    for (fmt, tool), t in space.items():
+        lines.append(f"| {fmt} | {tool} | {mib(t['empty'])} | {mib(t['ext2'])} | {mib(t['ext4'])} | {mib(t['ext4 size'])} |")
     lines += ["", "Reproduce: `bash scripts/bench.sh 3` (root; installs fio, qemu-system-common and nbdkit if missing)."]
-    with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+    # The memory section comes from scripts/bench-memory.sh; keep it.
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    old = open(path).read() if os.path.exists(path) else ""
+    if "<!-- memory:begin -->" in old:
+        lines += ["", old[old.index("<!-- memory:begin -->"):].rstrip("\n")]
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
