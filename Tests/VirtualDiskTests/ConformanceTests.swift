@@ -175,6 +175,27 @@ struct ConformanceTests {
         }
     }
 
+    @Test("raw block status follows holes punched and filled after it was asked")
+    func rawBlockStatusTracksHoles() throws {
+        let dir = TempDir()
+        let path = dir.file("r.raw")
+        try sh(["sh", "-c", "head -c 8M /dev/urandom > \(path)"])
+        let img = try openRW(path, format: .raw)
+        defer { try? img.close() }
+        func dataRanges() throws -> [Range<UInt64>] {
+            try MapOperation.extents(img).filter(\.isData).map { $0.offset..<$0.end }
+        }
+        #expect(try dataRanges() == [0..<(8 << 20)])
+        try img.discard(at: 1 << 20, length: 2 << 20)
+        #expect(try dataRanges() == [0..<(1 << 20), (3 << 20)..<(8 << 20)])
+        try img.write([UInt8](repeating: 7, count: 4096), at: 2 << 20)
+        let after = try dataRanges()
+        #expect(after.first == 0..<(1 << 20) && after.last == (3 << 20)..<(8 << 20) && after.count == 3)
+        #expect(after.contains { $0.contains(2 << 20) })
+        try img.writeZeroes(at: 5 << 20, length: 1 << 20, mayUnmap: true)
+        #expect(try !dataRanges().contains { $0.contains(5 << 20) })
+    }
+
     @Test("concurrent writers to one image keep every write", arguments: ["raw", "qcow2", "qcow2-extl2-on-qcow2"])
     func concurrentWriters(_ name: String) throws {
         let v = conformanceVariants.first { $0.name == name }!

@@ -7,6 +7,12 @@ public final class RawLayer: FormatLayer {
     let file: HostFile
     private let size: Mutex<UInt64>
     private let writable: Bool
+    /// The last data run SEEK_DATA/SEEK_HOLE found, and a generation that every hole
+    /// punch bumps. On tmpfs each SEEK_HOLE walks the file's pages up to the next hole
+    /// (to the end of a fully written file), so asking again for every chunk of a
+    /// sequential copy costs time quadratic in the file size. Writes only turn holes
+    /// into data, so a known data run stays true until a hole is punched.
+    private let knownData = Mutex<(start: UInt64, end: UInt64, generation: UInt64)>((0, 0, 0))
 
     public init(file: HostFile) throws {
         self.file = file
@@ -25,6 +31,13 @@ public final class RawLayer: FormatLayer {
         let end = offset + length
         var pos = offset
         while pos < end {
+            let known = knownData.withLock { $0 }
+            if known.start <= pos && pos < known.end {
+                let stop = min(known.end, end)
+                runs.append(LayerRun(offset: pos, length: stop - pos, kind: .stored(file: file, hostOffset: pos)))
+                pos = stop
+                continue
+            }
             guard let data = file.nextData(from: pos), data < end else {
                 runs.append(LayerRun(offset: pos, length: end - pos, kind: .zero))
                 break
@@ -32,11 +45,18 @@ public final class RawLayer: FormatLayer {
             if data > pos {
                 runs.append(LayerRun(offset: pos, length: data - pos, kind: .zero))
             }
-            let hole = min(max(file.nextHole(from: data), data + 1), end)
+            let holeAt = max(file.nextHole(from: data), data + 1)
+            knownData.withLock { if $0.generation == known.generation { $0 = (data, holeAt, known.generation) } }
+            let hole = min(holeAt, end)
             runs.append(LayerRun(offset: data, length: hole - data, kind: .stored(file: file, hostOffset: data)))
             pos = hole
         }
         return runs
+    }
+
+    /// Forget the known data run: holes may have appeared.
+    private func holesChanged() {
+        knownData.withLock { $0 = (0, 0, $0.generation &+ 1) }
     }
 
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, below: BelowReader) throws {
@@ -44,16 +64,19 @@ public final class RawLayer: FormatLayer {
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, hasBacking: Bool, below: BelowReader) throws {
+        defer { holesChanged() }  // fallocate's zero range may leave holes too
         if mayUnmap && file.punchHole(at: offset, length: length) { return }
         try file.writeZeroes(at: offset, length: length)
     }
 
     public func discard(at offset: UInt64, length: UInt64, hasBacking: Bool) throws {
         file.punchHole(at: offset, length: length)
+        holesChanged()
     }
 
     public func resize(to newSize: UInt64) throws {
         try file.truncate(to: newSize)
+        holesChanged()
         size.withLock { $0 = newSize }
     }
 
