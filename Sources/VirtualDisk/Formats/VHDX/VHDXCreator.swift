@@ -164,7 +164,11 @@ extension VHDXLayer {
                              logicalSectorSize: o.logicalSectorSize, physicalSectorSize: o.physicalSectorSize,
                              parentLocator: o.parent.map(locatorPairs))
         if let p = o.parent, p.page83.count == 16 { m.page83 = p.page83 }
-        try file.write(m.serializedRegion(length: Int(mib)), at: metadataOffset)
+        // The region is 1 MiB but its table and items fill only the start: the rest stays
+        // a hole of the new file (reads as zeroes), so an empty image allocates ~200 KiB.
+        let region = m.serializedRegion(length: Int(mib))
+        let used = ((region.lastIndex { $0 != 0 } ?? 0) + 4096) / 4096 * 4096
+        try file.write(Array(region[0..<min(used, region.count)]), at: metadataOffset)
 
         var end = dataStart
         if fixed {
