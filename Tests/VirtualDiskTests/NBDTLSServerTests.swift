@@ -144,6 +144,22 @@ struct NBDTLSServerTests {
         let distrust = try sh(timed(30, ["nbdinfo", TestPKI.uri(port: server.port, export: "disk", certs: stranger.clientDir)]), check: false)
         #expect(distrust.status != 0 && distrust.status != 124)
 
+        // On the wire: before STARTTLS even LIST is NBD_REP_ERR_TLS_REQD; STARTTLS with
+        // plain-text bytes behind it (an injection attempt) is dropped, never acknowledged.
+        let raw = try RawNBDClient(port: server.port)
+        try raw.greet()
+        raw.sendOption(NBD.optList, [])
+        #expect(try raw.optionReply().type == NBD.repErrTLSReqd)
+        raw.send(ClientBytes.option(NBD.optStartTLS, []) + ClientBytes.option(NBD.optGo, ClientBytes.infoRequest(name: "disk")))
+        #expect(raw.closedByServer(), "STARTTLS with plain text behind it was not refused")
+        // STARTTLS alone is acknowledged (in plain text), and then it is TLS or nothing.
+        let upgrade = try RawNBDClient(port: server.port)
+        try upgrade.greet()
+        upgrade.sendOption(NBD.optStartTLS, [])
+        #expect(try upgrade.optionReply().type == NBD.repAck)
+        upgrade.sendOption(NBD.optList, [])
+        #expect(upgrade.closedByServer(), "plain text after STARTTLS was not refused")
+
         // The server is still up and serves a good client after all that.
         #expect(server.isRunning)
         try sh(timed(30, ["nbdinfo", "--size", tlsURI]))
