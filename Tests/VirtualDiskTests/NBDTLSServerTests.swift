@@ -112,7 +112,9 @@ struct NBDTLSServerTests {
         try sh(timed(30, [nbdVloopBinary, "create", "-q", "-f", "qcow2", "disk", "24M"]), cwd: dir.path)
         try sh(timed(30, ["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 1M 2M", "-c", "write -P 0x3d 20M 64k", "disk"]), cwd: dir.path)
         let want = try reference("disk", format: "qcow2", in: dir)
-        let server = try ServeProcess.start(["-v", "--tls-cert", pki.serverCert, "--tls-key", pki.serverKey, "--tls-ca", pki.caCert, "disk"], in: dir)
+        // A 2 MiB memory budget as well: the 3 MiB write below is larger than all of it.
+        let server = try ServeProcess.start(["-v", "--memory-limit", "2M", "--tls-cert", pki.serverCert, "--tls-key", pki.serverKey,
+                                             "--tls-ca", pki.caCert, "disk"], in: dir)
         let tlsURI = TestPKI.uri(port: server.port, export: "disk", certs: pki.clientDir)
 
         // libnbd: TLS negotiated, the export readable bit for bit.
