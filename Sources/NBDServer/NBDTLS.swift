@@ -48,6 +48,9 @@ public struct NBDTLSConfiguration: Sendable {
         // proto.md: "NBD implementations supporting TLS MUST support TLS version 1.2 …
         // MAY support older versions but SHOULD NOT do so by default".
         configuration.minimumTLSVersion = .tlsv12
+        // On close we send close_notify and wait this long for the client's; an idle
+        // client that never answers would otherwise hold a server shutdown for 5 s.
+        configuration.shutdownTimeout = .seconds(1)
         do {
             context = try NIOSSLContext(configuration: configuration)
         } catch {

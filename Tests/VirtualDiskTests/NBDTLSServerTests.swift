@@ -183,11 +183,29 @@ struct NBDTLSServerTests {
         let dir = TempDir()
         let pki = try TestPKI(in: dir)
         try sh(timed(30, [nbdVloopBinary, "create", "-q", "-f", "raw", "disk", "4M"]), cwd: dir.path)
-        let server = try ServeProcess.start(["--tls-cert", pki.serverCert, "--tls-key", pki.serverKey, "disk"], in: dir)
+        let server = try ServeProcess.start(["-v", "--tls-cert", pki.serverCert, "--tls-key", pki.serverKey, "disk"], in: dir)
         let anonymous = try sh(timed(30, ["nbdinfo", "--size", TestPKI.uri(port: server.port, export: "disk", certs: pki.anonymousDir)]))
         #expect(anonymous.out.trimmingCharacters(in: .whitespacesAndNewlines) == "4194304")
         #expect(try sh(timed(30, ["nbdinfo", server.uri("disk")]), check: false).status != 0)
+
+        // SIGTERM while a TLS client sits idle after a write: the server closes the TLS
+        // session, flushes and exits cleanly, and the write is in the image.
+        // No timeout wrapper (env execs qemu-io in its place), so that SIGKILL ends it;
+        // its own sleep bounds it otherwise.
+        let idle = try launchLogged("/usr/bin/env", ["qemu-io"] + TestPKI.qemuArgs(port: server.port, export: "disk", certs: pki.clientDir)
+                                                  + ["-c", "write -P 0x5d 64k 64k", "-c", "sleep 20000"],
+                                    log: dir.file("idle.log"))
+        defer { if idle.isRunning { kill(idle.processIdentifier, SIGKILL) }; idle.waitUntilExit() }
+        var connected = false
+        for _ in 0..<200 where !connected {
+            usleep(50_000)
+            // The raw image shows the write as soon as the server has made it.
+            connected = (try? readFile(dir.file("disk")))?[(64 << 10) + 4095] == 0x5d
+        }
+        #expect(connected, "qemu-io over TLS did not write: \((try? String(contentsOfFile: dir.file("idle.log"), encoding: .utf8)) ?? "")")
         #expect(try server.stop() == 0, "server log: \(server.log)")
+        let written = try readFile(dir.file("disk"))
+        #expect(written[(64 << 10)..<(128 << 10)].allSatisfy { $0 == 0x5d } && written[0..<(64 << 10)].allSatisfy { $0 == 0 })
 
         // No certificates: TLS is refused (NBD_REP_ERR_POLICY), plain text works, and a
         // client that insists on TLS gives up.
