@@ -86,6 +86,16 @@ public enum NBDCommands {
         }
     }
 
+    /// The buffer a request allocates when it runs, taken from the server's memory
+    /// budget before it starts: a read's reply (header and data), CACHE's one chunk.
+    static func bufferCost(_ r: NBDRequest) -> Int {
+        switch r.type {
+        case NBD.cmdRead where r.length > 0: return 28 + Int(min(r.length, UInt32(NBD.maxPayload)))
+        case NBD.cmdCache where r.length > 0: return cacheChunk
+        default: return 0
+        }
+    }
+
     /// Run a validated request against the image. Blocking: call on a pool thread.
     static func execute(_ r: NBDRequest, session: NBDSession, pool: NBDBufferPool) -> ByteBuffer {
         let image = session.export.image
@@ -227,11 +237,13 @@ public enum NBDCommands {
     /// NBD_CMD_CACHE: look the range up (bringing its metadata into the cache) and read
     /// it (bringing its data into the host's page cache), a megabyte at a time through
     /// one buffer. Advisory: at most the first `NBD.maxPayload` bytes are read.
+    static let cacheChunk = 1 << 20
+
     static func cache(_ r: NBDRequest, image: DiskImage, pool: NBDBufferPool) throws {
         let length = UInt64(min(Int(r.length), NBD.maxPayload))
         guard length > 0 else { return }
         let extents = try image.extents(at: r.offset, length: length)
-        let chunk = 1 << 20
+        let chunk = cacheChunk
         var buffer = pool.take(capacity: chunk)
         defer { pool.recycle(buffer) }
         for e in extents where e.isData {

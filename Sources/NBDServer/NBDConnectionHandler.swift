@@ -1,5 +1,6 @@
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// Sent down a connection's pipeline when the server stops.
 struct NBDServerShutdownEvent {}
@@ -14,6 +15,15 @@ struct NBDServerShutdownEvent {}
 /// buffer is full, the handler stops asking the channel to read, so a client that
 /// floods requests or does not read its replies only slows itself; what was already
 /// read when the limit was reached is bounded by one read.
+///
+/// Server-wide, write payloads and read buffers also count against the one
+/// `NBDMemoryBudget` of the server: a write's payload from decoding, a read's buffer
+/// from when it starts. While the budget is spent, a connection that holds part of it
+/// stops reading and keeps its reads queued until a release wakes it.
+///
+/// TLS: after NBD_REP_ACK to NBD_OPT_STARTTLS has been written in plain text, a
+/// NIOSSL server handler goes in at the front of the pipeline (ahead of the decoder)
+/// and the handshake continues inside TLS.
 ///
 /// Fairness: at most `maxRunningPerConnection` of a connection's requests are on the
 /// shared pool at once; the rest wait in this connection's own queue, so one busy
@@ -36,13 +46,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private var handshakeTimer: Scheduled<Void>?
 
-    /// Decoded requests not yet handed to the pool.
-    private var queued = CircularBuffer<(request: NBDRequest, cost: Int)>()
+    /// Decoded requests not yet handed to the pool, with what they hold of the
+    /// connection's share (`cost`) and of the server's budget (`held`).
+    private var queued = CircularBuffer<(request: NBDRequest, cost: Int, held: Int)>()
     /// Requests on the pool now.
     private var running = 0
     /// Requests decoded and not yet answered, and the bytes they hold.
     private var inFlightCount = 0
     private var inFlightBytes = 0
+    /// Bytes this connection holds of the server's memory budget.
+    private var heldBudget = 0
+    /// Handed to the budget when this connection waits for it; runs `budgetReleased`
+    /// on this connection's event loop.
+    private var budgetWake: NBDMemoryBudget.Wake?
     /// A read() from the pipeline that we held back; passed on when there is room.
     private var readHeld = false
     /// The session that in-flight and pending requests run under (kept while draining).
@@ -50,17 +66,27 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     init(core: NBDServerCore) {
         self.core = core
-        self.phase = .handshake(NBDNegotiation(exports: core.exports))
+        self.phase = .handshake(NBDNegotiation(exports: core.exports, tlsRequired: core.configuration.tls != nil))
     }
 
     // MARK: lifecycle
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        budgetWake = { loop.execute { bound.value.budgetReleased() } }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        stopWaitingForBudget()
         self.context = nil
+    }
+
+    /// Drop the budget's reference to this connection (the wake closure holds it).
+    private func stopWaitingForBudget() {
+        core.budget.cancelWait(id: ObjectIdentifier(self))
+        budgetWake = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -82,7 +108,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         handshakeTimer = nil
         phase = .closed
         // Requests still on the pool finish on their own; their replies go nowhere.
-        queued.removeAll()
+        while let (_, cost, held) = queued.popFirst() { release(cost, held: held) }
+        stopWaitingForBudget()
         context.fireChannelInactive()
     }
 
@@ -109,7 +136,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .transmission:
             break
         }
-        if !(error is NIOCore.IOError) && !(error is ChannelError) {
+        if let tlsError = error as? NIOSSLError {
+            // A client that hangs up without close_notify is no news.
+            if case .uncleanShutdown = tlsError {} else { core.log("client \(peer): TLS failed (\(tlsError)); closing") }
+        } else if !(error is NIOCore.IOError) && !(error is ChannelError) {
             core.log("client \(peer): \(error); closing")
         }
         hardClose()
@@ -127,8 +157,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // Stop taking requests; fail those not started, finish those running
             // (proto.md: "the server SHOULD wait for inflight requests to be serviced").
             phase = .draining
-            while let (r, cost) = queued.popFirst() {
-                reply(NBDCommands.errorReply(r, session: session!, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")), cost: cost)
+            while let (r, cost, held) = queued.popFirst() {
+                reply(NBDCommands.errorReply(r, session: session!, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")),
+                      cost: cost, held: held)
             }
             closeIfDrained()
         case .draining, .closed:
@@ -152,11 +183,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .handshake:
             return !context.channel.isWritable
         case .transmission:
-            return inFlightCount >= core.configuration.maxRequestsInFlight
-                || inFlightBytes >= core.configuration.maxBytesInFlight || !context.channel.isWritable
+            if inFlightCount >= core.configuration.maxRequestsInFlight
+                || inFlightBytes >= core.configuration.maxBytesInFlight || !context.channel.isWritable {
+                return true
+            }
+            // A connection holding nothing reads on whatever the balance (one request
+            // always runs); the others wait for a release when the budget is spent.
+            guard heldBudget > 0, let budgetWake else { return false }
+            return !core.budget.hasRoom(id: ObjectIdentifier(self), wake: budgetWake)
         case .draining, .closed:
             return true
         }
+    }
+
+    /// Another connection (or this one) gave memory back to the server's budget.
+    private func budgetReleased() {
+        guard context != nil else { return }
+        startQueued()
+        resumeReadingIfPossible()
     }
 
     private func resumeReadingIfPossible() {
@@ -184,10 +228,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .request:
                 outcome = .close(reason: "sent a request before the handshake finished")
             }
-            if out.readableBytes > 0 { context.write(wrapOutboundOut(out), promise: nil) }
+            if out.readableBytes > 0, outcome != .startTLS { context.write(wrapOutboundOut(out), promise: nil) }
             switch outcome {
             case .continue:
                 phase = .handshake(negotiation)
+            case .startTLS:
+                phase = .handshake(negotiation)
+                startTLS(context: context, ack: out)
+                return
             case .close(let reason):
                 core.log("client \(peer): \(reason)")
                 phase = .draining
@@ -221,6 +269,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.fireChannelReadComplete()
     }
 
+    /// Send the plain-text NBD_REP_ACK, then put TLS in front of the decoder: the ACK
+    /// is past the pipeline (in the socket's queue) before the TLS handler exists, and
+    /// every later byte in either direction goes through it. The decoder has already
+    /// refused any plain-text bytes that came with the option.
+    private func startTLS(context: ChannelHandlerContext, ack: ByteBuffer) {
+        guard let tls = core.configuration.tls else {
+            return hardClose()
+        }
+        context.writeAndFlush(wrapOutboundOut(ack), promise: nil)
+        do {
+            try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
+        } catch {
+            core.log("client \(peer): cannot start TLS: \(error); closing")
+            hardClose()
+        }
+    }
+
     // MARK: requests
 
     private func receive(_ r: NBDRequest, session: NBDSession) {
@@ -234,11 +299,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         inFlightCount += 1
         inFlightBytes += cost
         if let error = NBDCommands.validate(r, session: session) {
-            reply(NBDCommands.errorReply(r, session: session, error: error), cost: cost)
+            reply(NBDCommands.errorReply(r, session: session, error: error), cost: cost, held: 0)
             return
         }
         var r = r
+        var held = 0
         if let payload = r.payload {
+            // Already in memory, so charged whatever the balance; reading stops
+            // (`shouldPauseReading`) while the budget is spent.
+            held = payload.readableBytes
+            core.budget.charge(held)
+            heldBudget += held
             // The payload is a slice of the receive buffer; holding it would pin that
             // whole buffer (which may have grown to the largest write seen) for as long
             // as the request is queued or running. A pooled copy of exactly its size
@@ -247,14 +318,25 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             copy.writeImmutableBuffer(payload)
             r.payload = copy
         }
-        queued.append((r, cost))
+        queued.append((r, cost, held))
         startQueued()
     }
 
     /// Hand queued requests to the pool, up to this connection's share of it.
     private func startQueued() {
         guard let session, let context else { return }
-        while running < core.configuration.maxRunningPerConnection, let (r, cost) = queued.popFirst() {
+        while running < core.configuration.maxRunningPerConnection, let next = queued.first {
+            // A read's buffer is allocated when it runs: take it from the budget first,
+            // or wait (in order) for a release.
+            let buffer = NBDCommands.bufferCost(next.request)
+            if buffer > 0 {
+                guard let budgetWake, core.budget.acquire(buffer, holdsNothing: heldBudget == 0, id: ObjectIdentifier(self), wake: budgetWake) else {
+                    return
+                }
+                heldBudget += buffer
+            }
+            let (r, cost, earlier) = queued.removeFirst()
+            let held = earlier + buffer
             running += 1
             let pool = core.bufferPool
             let (type, cookie, flags) = (r.type, r.cookie, r.flags)
@@ -264,12 +346,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 running -= 1
                 switch result {
                 case .success(let bytes):
-                    reply(bytes, cost: cost, recycle: type == NBD.cmdRead)
+                    reply(bytes, cost: cost, held: held, recycle: type == NBD.cmdRead)
                 case .failure:
                     // The pool stopped before running it: only during shutdown.
                     let header = NBDRequest(flags: flags, type: type, cookie: cookie, offset: 0, length: 0)
                     reply(NBDCommands.errorReply(header, session: session, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")),
-                          cost: cost)
+                          cost: cost, held: held)
                 }
                 startQueued()
             }
@@ -277,21 +359,25 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Write a reply; when it has gone out (or failed to), release what the request held.
-    private func reply(_ bytes: ByteBuffer, cost: Int, recycle: Bool = false) {
+    private func reply(_ bytes: ByteBuffer, cost: Int, held: Int, recycle: Bool = false) {
         guard let context, context.channel.isActive else {
-            release(cost)
+            release(cost, held: held)
             return
         }
         let pool = core.bufferPool
         context.writeAndFlush(wrapOutboundOut(bytes)).assumeIsolated().whenComplete { [self] _ in
             if recycle { pool.recycle(bytes) }
-            release(cost)
+            release(cost, held: held)
         }
     }
 
-    private func release(_ cost: Int) {
+    private func release(_ cost: Int, held: Int) {
         inFlightCount -= 1
         inFlightBytes -= cost
+        if held > 0 {
+            heldBudget -= held
+            core.budget.release(held)
+        }
         switch phase {
         case .transmission:
             resumeReadingIfPossible()

@@ -43,9 +43,13 @@ public enum NBDClientMessage: Sendable, Equatable {
 public enum NBDDecodeError: Error, Equatable, CustomStringConvertible {
     case badMagic(UInt64)
     case optionTooLong(code: UInt32, length: UInt32)
+    /// Bytes followed NBD_OPT_STARTTLS before the server's reply: plain text that
+    /// would otherwise be taken as coming from inside TLS.
+    case dataAfterStartTLS(Int)
 
     public var description: String {
         switch self {
+        case .dataAfterStartTLS(let n): return "sent \(n) bytes after NBD_OPT_STARTTLS without waiting for the reply"
         case .badMagic(let m): return "not an NBD option or request (magic 0x\(String(m, radix: 16)))"
         case .optionTooLong(let code, let length): return "option \(code) is \(length) bytes, over the \(NBD.maxOptionLength)-byte limit"
         }
@@ -70,11 +74,21 @@ public struct NBDMessageDecoder: ByteToMessageDecoder {
     }
 
     private(set) var state: State
+    /// Whether the server answers NBD_OPT_STARTTLS by starting TLS, and whether the
+    /// client has asked yet.
+    let startTLSOffered: Bool
+    private var startTLSSeen = false
 
-    /// - Parameter expectClientFlags: whether the stream starts with the 4-byte client flags
-    ///   (a fresh connection) or directly with options and requests.
-    public init(expectClientFlags: Bool = true) {
+    /// - Parameters:
+    ///   - expectClientFlags: whether the stream starts with the 4-byte client flags
+    ///     (a fresh connection) or directly with options and requests.
+    ///   - startTLSOffered: the server starts TLS on NBD_OPT_STARTTLS. The client must
+    ///     then wait for the reply before it sends anything (its TLS handshake); bytes
+    ///     that came with the option in plain text are refused, since once the handler
+    ///     has put TLS in front of this decoder they would pass as having come through it.
+    public init(expectClientFlags: Bool = true, startTLSOffered: Bool = false) {
         state = expectClientFlags ? .clientFlags : .messages
+        self.startTLSOffered = startTLSOffered
     }
 
     /// Take one message from the front of `buffer`, or nil if more bytes are needed.
@@ -122,6 +136,12 @@ public struct NBDMessageDecoder: ByteToMessageDecoder {
         guard buffer.readableBytes >= 16 + Int(length) else { return nil }
         buffer.moveReaderIndex(forwardBy: 16)
         let data = buffer.readSlice(length: Int(length))!
+        if startTLSOffered && !startTLSSeen && code == NBD.optStartTLS && length == 0 {
+            // The first valid STARTTLS is accepted; everything after it must arrive
+            // through TLS, which the handler inserts when it sees this option.
+            startTLSSeen = true
+            if buffer.readableBytes > 0 { throw NBDDecodeError.dataAfterStartTLS(buffer.readableBytes) }
+        }
         return .option(code: code, data: data)
     }
 

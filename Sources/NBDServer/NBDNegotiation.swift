@@ -27,6 +27,9 @@ public struct NBDNegotiation {
         case close(reason: String)
         /// Replies were written; the transmission phase starts with the next byte.
         case transmission
+        /// NBD_REP_ACK to NBD_OPT_STARTTLS was written: once it has gone out in plain
+        /// text, everything further is TLS (the client starts the TLS handshake).
+        case startTLS
     }
 
     let exports: NBDExportTable
@@ -38,8 +41,16 @@ public struct NBDNegotiation {
     /// Set when the outcome is `.transmission`.
     public private(set) var session: NBDSession?
 
-    public init(exports: NBDExportTable) {
+    /// FORCEDTLS mode (proto.md "TLS support"): until STARTTLS, every option but
+    /// STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD. Without it, NOTLS mode:
+    /// STARTTLS is refused with NBD_REP_ERR_POLICY.
+    public let tlsRequired: Bool
+    /// STARTTLS was accepted: the rest of the handshake runs inside TLS.
+    public private(set) var tlsActive = false
+
+    public init(exports: NBDExportTable, tlsRequired: Bool = false) {
         self.exports = exports
+        self.tlsRequired = tlsRequired
     }
 
     var noZeroes: Bool { clientFlags & NBD.clientFlagNoZeroes != 0 }
@@ -58,6 +69,9 @@ public struct NBDNegotiation {
     /// Handle one option, appending replies to `out`.
     public mutating func receiveOption(code: UInt32, data: ByteBuffer, into out: inout ByteBuffer) -> Outcome {
         var data = data
+        if tlsRequired && !tlsActive {
+            return beforeTLS(code: code, data: data, into: &out)
+        }
         switch code {
         case NBD.optExportName:
             let bytes = data.readBytes(length: data.readableBytes) ?? []
@@ -108,11 +122,44 @@ public struct NBDNegotiation {
             return .continue
 
         case NBD.optStartTLS:
-            out.writeNBDOptionError(option: code, type: NBD.repErrPolicy, message: "this server does not offer TLS")
+            if tlsActive {
+                out.writeNBDOptionError(option: code, type: NBD.repErrInvalid, message: "TLS is already running")
+            } else {
+                out.writeNBDOptionError(option: code, type: NBD.repErrPolicy, message: "this server does not offer TLS")
+            }
             return .continue
 
         default:
             out.writeNBDOptionError(option: code, type: NBD.repErrUnsup, message: "option \(code) is not supported")
+            return .continue
+        }
+    }
+
+    /// FORCEDTLS before the upgrade: only STARTTLS and ABORT are served.
+    mutating func beforeTLS(code: UInt32, data: ByteBuffer, into out: inout ByteBuffer) -> Outcome {
+        switch code {
+        case NBD.optStartTLS:
+            guard data.readableBytes == 0 else {
+                out.writeNBDOptionError(option: code, type: NBD.repErrInvalid, message: "NBD_OPT_STARTTLS takes no data")
+                return .continue
+            }
+            // "the server MUST NOT preserve any negotiation state … issued before this
+            // command": nothing stateful was accepted before it, but start clean anyway.
+            structuredReplies = false
+            metaContexts = []
+            metaContextExport = nil
+            tlsActive = true
+            out.writeNBDOptionReply(option: code, type: NBD.repAck)
+            return .startTLS
+        case NBD.optAbort:
+            out.writeNBDOptionReply(option: code, type: NBD.repAck)
+            return .close(reason: "client aborted the handshake")
+        case NBD.optExportName:
+            // It cannot carry an error: the spec says terminate.
+            return .close(reason: "client asked for an export without TLS (NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS)")
+        default:
+            out.writeNBDOptionError(option: code, type: NBD.repErrTLSReqd,
+                                    message: "this server requires TLS: send NBD_OPT_STARTTLS first (nbds:// URIs; tls-creds in qemu)")
             return .continue
         }
     }

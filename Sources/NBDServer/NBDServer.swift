@@ -25,6 +25,13 @@ public struct NBDServerConfiguration: Sendable {
     /// Payload and read-buffer bytes one connection may hold before it stops reading
     /// (a request already read always runs, whatever its size).
     public var maxBytesInFlight = 64 << 20
+    /// Write payload and read-buffer bytes all connections together may hold; past it,
+    /// connections holding some stop reading until replies give memory back (see
+    /// `NBDMemoryBudget` for the bound). Buffers kept for reuse are capped at it too.
+    public var memoryLimit = 256 << 20
+    /// With certificates, TLS is required of every client (FORCEDTLS); without, the
+    /// server offers no TLS.
+    public var tls: NBDTLSConfiguration?
     /// Threads doing image I/O, shared by all connections.
     public var ioThreads = 8
     /// Event loop threads: they only frame requests, copy write payloads and write replies.
@@ -40,7 +47,8 @@ final class NBDServerCore: Sendable {
     let exports: NBDExportTable
     let configuration: NBDServerConfiguration
     let threadPool: NIOThreadPool
-    let bufferPool = NBDBufferPool()
+    let bufferPool: NBDBufferPool
+    let budget: NBDMemoryBudget
     /// Open client channels, and whether the server still accepts new ones.
     private let connections = Mutex<(channels: [ObjectIdentifier: Channel], accepting: Bool)>(([:], true))
 
@@ -48,6 +56,8 @@ final class NBDServerCore: Sendable {
         self.exports = exports
         self.configuration = configuration
         self.threadPool = threadPool
+        self.budget = NBDMemoryBudget(limit: configuration.memoryLimit)
+        self.bufferPool = NBDBufferPool(maxRetainedBytes: min(128 << 20, max(configuration.memoryLimit, 1 << 20)))
     }
 
     func log(_ message: String) { configuration.log(message) }
@@ -131,7 +141,8 @@ public final class NBDServer: Sendable {
             }
             channel.closeFuture.whenComplete { _ in core.unregister(channel) }
             return channel.eventLoop.makeCompletedFuture {
-                let decoder = ByteToMessageHandler(NBDMessageDecoder(), maximumBufferSize: NBD.maxPayload + (2 << 20))
+                let decoder = ByteToMessageHandler(NBDMessageDecoder(startTLSOffered: core.configuration.tls != nil),
+                                                   maximumBufferSize: NBD.maxPayload + (2 << 20))
                 try channel.pipeline.syncOperations.addHandlers(decoder, NBDConnectionHandler(core: core))
             }
         }

@@ -14,6 +14,11 @@ struct Serve: ParsableCommand {
             nbd://ADDR:PORT/NAME, or nbd+unix:///NAME?socket=SOCKET with -k. The server stays \
             up for any number of successive and concurrent clients; SIGINT or SIGTERM lets \
             running requests finish, then flushes and closes the images.
+
+            With --tls-cert and --tls-key every client must upgrade to TLS (NBD_OPT_STARTTLS) \
+            before anything else: nbds://ADDR:PORT/NAME with libnbd, a tls-creds-x509 object \
+            with qemu. With --tls-ca as well, clients must present a certificate signed by \
+            that CA. Without certificates, TLS is refused.
             """)
     @Option(name: [.short, .customLong("format")], help: "Image format (probed when omitted).") var f: String?
     @Option(name: [.short, .customLong("bind")], help: "Address to listen on.") var b: String = "127.0.0.1"
@@ -25,6 +30,10 @@ struct Serve: ParsableCommand {
     @Option(name: [.short, .customLong("shared")], help: "Most clients connected at once.") var e: Int = 100
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "With -r: serve even if another process writes the image.") var forceShare = false
     @Option(name: .customLong("handshake-limit"), help: "Seconds a client has to finish the handshake.") var handshakeLimit: Int = 10
+    @Option(name: .customLong("memory-limit"), help: "Write payloads and read buffers all clients together may hold (e.g. 256M); past it, clients wait.") var memoryLimit: String = "256M"
+    @Option(name: .customLong("tls-cert"), help: "PEM certificate of the server: clients must then use TLS.") var tlsCert: String?
+    @Option(name: .customLong("tls-key"), help: "PEM private key of --tls-cert (unencrypted).") var tlsKey: String?
+    @Option(name: .customLong("tls-ca"), help: "PEM CA certificate(s): clients must present a certificate it signed.") var tlsCA: String?
     @Option(name: .customLong("pid-file"), help: "Write the server's pid here once it listens (removed on exit).") var pidFile: String?
     @Flag(name: [.short, .customLong("persistent")], help: "Accepted as qemu-nbd takes it; vloop serve always stays up for more clients.") var t = false
     @Flag(name: [.short, .customLong("verbose")], help: "Report connections and misbehaving clients on stderr.") var v = false
@@ -38,6 +47,11 @@ struct Serve: ParsableCommand {
         if e < 1 { throw ValidationError("-e must be at least 1") }
         if handshakeLimit < 1 { throw ValidationError("--handshake-limit must be at least 1 second") }
         if forceShare && !r { throw ValidationError("--force-share needs --read-only") }
+        if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together: give both, or neither to serve without TLS") }
+        if tlsCA != nil && tlsCert == nil { throw ValidationError("--tls-ca checks client certificates over TLS: give --tls-cert and --tls-key as well") }
+        guard let limit = try? SizeParser.parse(memoryLimit), limit >= 1 << 20, limit <= UInt64(Int.max) else {
+            throw ValidationError("--memory-limit \(memoryLimit) is not a size of at least 1M (e.g. 64M, 1G)")
+        }
     }
 
     func run() throws {
@@ -51,6 +65,12 @@ struct Serve: ParsableCommand {
             sigaddset(&signals, SIGTERM)
             pthread_sigmask(SIG_BLOCK, &signals, nil)
             signal(SIGPIPE, SIG_IGN)
+
+            // Certificates are checked before any image is opened or port bound.
+            var tls: NBDTLSConfiguration?
+            if let tlsCert, let tlsKey {
+                tls = try NBDTLSConfiguration(certificateFile: tlsCert, keyFile: tlsKey, caFile: tlsCA)
+            }
 
             var opened: [DiskImage] = []
             var exports: [NBDExport] = []
@@ -69,12 +89,17 @@ struct Serve: ParsableCommand {
             config.address = k.map { .unix(path: $0) } ?? .tcp(host: b, port: p)
             config.maxConnections = e
             config.handshakeTimeout = .seconds(Int64(handshakeLimit))
+            config.memoryLimit = Int(try SizeParser.parse(memoryLimit))
+            config.tls = tls
             if v { config.log = { printError("vloop serve: \($0)") } }
             let server: NBDServer
             do {
                 server = try NBDServer(exports: exports, configuration: config)
                 let address = try server.start()
-                if v { printError("vloop serve: listening on \(address) (\(exports.map(\.name).joined(separator: ", ")))") }
+                if v {
+                    let mode = tls.map { $0.verifiesClients ? ", TLS with client certificates" : ", TLS" } ?? ""
+                    printError("vloop serve: listening on \(address)\(mode) (\(exports.map(\.name).joined(separator: ", ")))")
+                }
                 if let pidFile { try writePidFile(pidFile) }
             } catch {
                 for image in opened { try? image.close() }

@@ -42,6 +42,21 @@ func freeTCPPort() throws -> Int {
     return Int(UInt16(bigEndian: addr.sin_port))
 }
 
+/// Start a long-running program with its output going to `log` (not to a pipe, which
+/// would hold up whoever reads it to the end), input from /dev/null.
+func launchLogged(_ executable: String, _ args: [String], log: String, cwd: String? = nil) throws -> Process {
+    _ = FileManager.default.createFile(atPath: log, contents: nil)
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = args
+    if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+    p.standardInput = FileHandle.nullDevice
+    p.standardOutput = FileHandle(forWritingAtPath: log)
+    p.standardError = FileHandle(forWritingAtPath: log)
+    try p.run()
+    return p
+}
+
 /// `vloop serve` running as a child process, stopped by SIGTERM.
 final class ServeProcess: @unchecked Sendable {
     // Safe: used from one test at a time; Process is only touched by that test.
@@ -65,17 +80,9 @@ final class ServeProcess: @unchecked Sendable {
             let port = unixSocket == nil ? try freeTCPPort() : 0
             let pidFile = dir.file("serve-\(port)-\(attempt).pid")
             let logPath = dir.file("serve-\(port)-\(attempt).log")
-            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: nbdVloopBinary)
             var full = ["serve", "--pid-file", pidFile]
             if let unixSocket { full += ["-k", unixSocket] } else { full += ["-p", String(port)] }
-            p.arguments = full + args
-            p.currentDirectoryURL = URL(fileURLWithPath: dir.path)
-            p.standardInput = FileHandle.nullDevice
-            p.standardOutput = FileHandle(forWritingAtPath: logPath)
-            p.standardError = FileHandle(forWritingAtPath: logPath)
-            try p.run()
+            let p = try launchLogged(nbdVloopBinary, full + args, log: logPath, cwd: dir.path)
             let deadline = Date().addingTimeInterval(30)
             while Date() < deadline {
                 if FileManager.default.fileExists(atPath: pidFile) {
@@ -161,7 +168,8 @@ final class RawNBDClient {
         var out = [UInt8](repeating: 0, count: count)
         var got = 0
         while got < count {
-            let n = out[got...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            // Into the whole array at an offset: a slice here would be copied on every call.
+            let n = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, count - got, 0) }
             if n == 0 { throw TestFailure("server closed the connection after \(got) of \(count) bytes") }
             if n < 0 { throw TestFailure("receive failed: errno \(errno) after \(got) of \(count) bytes") }
             got += n
