@@ -178,10 +178,13 @@ struct StressTests {
         // within one cluster, block or grain.
         for _ in 0..<opsPerThread {
             let span = min([sectors, 512, 64][Int.random(in: 0..<3, using: &rng)], sectors)
-            let count = Int.random(in: 1...(Bool.random(using: &rng) ? 8 : 160), using: &rng)
-            let n = min(count, span)
-            var first = Int.random(in: 0...(span - n), using: &rng)
-            if Int.random(in: 0..<4, using: &rng) == 0 { first = first / 128 * 128 }  // 64 KiB aligned
+            var count = Int.random(in: 1...(Bool.random(using: &rng) ? 8 : 160), using: &rng)
+            // Now and then exactly one 64 KiB unit, so that whole clusters are zeroed and
+            // discarded in the crowded region too, and partial writes refill them.
+            if Int.random(in: 0..<8, using: &rng) == 0 { count = 128 }
+            let n = min(count, sectors)
+            var first = Int.random(in: 0...(max(span, n) - n), using: &rng)
+            if count == 128 || Int.random(in: 0..<4, using: &rng) == 0 { first = first / 128 * 128 }  // 64 KiB aligned
             let offset = UInt64(first * sector), length = n * sector
             seq += 1
             let op = UInt64(t + 1) << 32 | seq
