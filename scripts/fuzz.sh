@@ -119,9 +119,10 @@ for t in "${TARGETS[@]}"; do
   fi
   per=$((SECONDS_TOTAL / ${#TARGETS[@]}))
   echo "fuzz: $t for ${per}s with $(ls "$W/$t/seeds" | wc -l) seeds"
+  before=$(ls "$W/$t/crashes" | wc -l)
   VLOOP_FUZZ_TARGET=$t "$BIN" "$W/$t/corpus" "$W/$t/seeds" -max_total_time="$per" -max_len=$MAXLEN -rss_limit_mb=2048 \
     -timeout=20 -artifact_prefix="$W/$t/crashes/" -print_final_stats=1 2>&1 | tail -12 || true
-  echo "fuzz: $t: crashes found: $(ls "$W/$t/crashes" | wc -l) (in $W/$t/crashes)"
+  echo "fuzz: $t: new crashes: $(( $(ls "$W/$t/crashes" | wc -l) - before )) ($(ls "$W/$t/crashes" | wc -l) in $W/$t/crashes)"
 done
 # Scratch directories of fuzzers that have exited.
 for d in /dev/shm/vloop-fuzz-*; do

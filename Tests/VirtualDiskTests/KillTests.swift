@@ -11,8 +11,9 @@ import Glibc
 /// a writer streams known data with flushes; afterwards each image must open, check free of
 /// corruption (leaks are allowed), and hold every byte a completed flush acknowledged.
 ///
-/// VLOOP_KILL_ROUNDS sets the rounds (5 by default). Each round kills one process serving
-/// two images: a qcow2 and one of vhdx, vhd, vdi, vmdk in turn.
+/// VLOOP_KILL_ROUNDS sets the rounds (5 by default). Each round kills what serves two
+/// images — one `vloop serve`, or both attach daemons — a qcow2 and one of vhdx, vhd,
+/// vdi, vmdk in turn.
 enum KillCampaign {
     static let rounds = Int(ProcessInfo.processInfo.environment["VLOOP_KILL_ROUNDS"] ?? "") ?? 5
     static let others = ["vhdx", "vhd", "vdi", "vmdk"]
@@ -59,8 +60,8 @@ enum KillCampaign {
         func withLock<R>(_ body: (inout Ledger) -> R) -> R { ledger.withLock { body(&$0) } }
     }
 
-    /// A random run of blocks and a write number unique to the writer.
-    static func nextWrite(_ rng: inout SplitMix, seq: UInt64) -> (first: Int, count: Int) {
+    /// A random run of blocks to write.
+    static func nextWrite(_ rng: inout SplitMix) -> (first: Int, count: Int) {
         let count = Int.random(in: 1...(Bool.random(using: &rng) ? 4 : 64), using: &rng)
         let first = Int.random(in: 0...(imageSize / block - count), using: &rng)
         return (first, count)
@@ -91,6 +92,17 @@ enum KillCampaign {
             let q = try sh(["qemu-img", "check", "-f", format, path], cwd: dir, check: false, timeout: 120)
             #expect(q.status == 0 || q.status == 3, "\(context): qemu-img check exited \(q.status): \(q.out)\(q.err)")
         }
+    }
+
+    /// A round's images in a fresh directory: a qcow2 and the next of the other formats.
+    static func images(round: Int) throws -> (dir: TempDir, names: [String], formats: [String]) {
+        let dir = TempDir()
+        let formats = ["qcow2", others[round % others.count]]
+        let names = ["a.\(formats[0])", "b.\(formats[1])"]
+        for (name, format) in zip(names, formats) {
+            try sh([nbdVloopBinary, "create", "-q", "-f", format, name, String(imageSize)], cwd: dir.path)
+        }
+        return (dir, names, formats)
     }
 
     /// What a campaign ran and checked.
@@ -146,24 +158,14 @@ enum KillCampaign {
     }
 }
 
-@Suite("SIGKILL campaigns", .serialized, .timeLimit(.minutes(10)))
+// No overall time limit (a long campaign runs as long as it must): every wait inside is bounded.
+@Suite("SIGKILL campaigns", .serialized)
 struct KillTests {
-    /// A round's images in a fresh directory: a qcow2 and the next of the other formats.
-    func images(round: Int) throws -> (dir: TempDir, names: [String], formats: [String]) {
-        let dir = TempDir()
-        let formats = ["qcow2", KillCampaign.others[round % KillCampaign.others.count]]
-        let names = ["a.\(formats[0])", "b.\(formats[1])"]
-        for (name, format) in zip(names, formats) {
-            try sh([nbdVloopBinary, "create", "-q", "-f", format, name, String(KillCampaign.imageSize)], cwd: dir.path)
-        }
-        return (dir, names, formats)
-    }
-
     @Test("vloop serve killed mid-stream keeps every flushed write, images check clean", .enabled(if: haveNBDTools))
     func serve() throws {
         var totals = KillCampaign.Totals()
         for round in 0..<KillCampaign.rounds {
-            let (dir, names, formats) = try images(round: round)
+            let (dir, names, formats) = try KillCampaign.images(round: round)
             let server = try ServeProcess.start(names, in: dir)
             let port = server.port
             let writers: [@Sendable (KillCampaign.SharedLedger) -> Void] = names.enumerated().map { (i, name) in
@@ -175,7 +177,7 @@ struct KillTests {
                     var buffer = [UInt8](repeating: 0, count: 64 * KillCampaign.block)
                     while true {
                         seq += 1; cookie += 1
-                        let (first, count) = KillCampaign.nextWrite(&rng, seq: seq)
+                        let (first, count) = KillCampaign.nextWrite(&rng)
                         buffer.withUnsafeMutableBytes { p in
                             for k in 0..<count {
                                 KillCampaign.fill(UnsafeMutableRawBufferPointer(rebasing: p[(k * KillCampaign.block)..<((k + 1) * KillCampaign.block)]),
@@ -204,12 +206,16 @@ struct KillTests {
         print("kill campaign, serve: \(totals.rounds) rounds, \(totals.rounds * 2) images, \(totals.writes) writes, "
               + "\(totals.flushes) acknowledged flushes, \(totals.promised) flushed 4 KiB blocks verified")
     }
+}
 
-    @Test("vloop attach killed mid-stream keeps every flushed write; detach --force cleans up", .enabled(if: canAttach))
-    func attach() throws {
+/// The attach campaign runs with the other attach tests, one at a time: they expect to
+/// see no attachment but their own.
+extension AttachTests {
+    @Test("vloop attach killed mid-stream keeps every flushed write; detach --force cleans up")
+    func killCampaign() throws {
         var totals = KillCampaign.Totals()
         for round in 0..<KillCampaign.rounds {
-            let (dir, names, formats) = try images(round: round)
+            let (dir, names, formats) = try KillCampaign.images(round: round)
             var devices: [String] = []
             defer { for d in devices { _ = try? sh([vloopBinary, "detach", "--force", d], check: false, timeout: 60) } }
             for name in names {
@@ -239,7 +245,7 @@ struct KillTests {
                     var seq: UInt64 = 0
                     while true {
                         seq += 1
-                        let (first, count) = KillCampaign.nextWrite(&rng, seq: seq)
+                        let (first, count) = KillCampaign.nextWrite(&rng)
                         for k in 0..<count {
                             KillCampaign.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[(k * KillCampaign.block)..<((k + 1) * KillCampaign.block)]),
                                               seq: seq, block: first + k)
