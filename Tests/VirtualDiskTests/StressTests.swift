@@ -4,7 +4,7 @@ import Testing
 @testable import VirtualDisk
 
 /// Many threads against one open image: random overlapping reads, writes, zero writes
-/// (with and without unmap), discards and flushes, checked against what concurrent
+/// (with and without unmap), discards, flushes and block status queries, checked against what concurrent
 /// execution allows.
 ///
 /// Every write fills each 512-byte sector it covers with a stamp naming the write and the
@@ -52,6 +52,7 @@ struct StressTests {
         case zero
         case discard
         case flush
+        case blockStatus
         case read([Seen])
     }
 
@@ -208,6 +209,16 @@ struct StressTests {
             case 11:
                 try img.flush()
                 kind = .flush
+            case 19:
+                // Block status while others allocate and free: the runs must tile the range.
+                let extents = try img.extents(at: offset, length: UInt64(length))
+                var at = offset
+                for e in extents {
+                    guard e.offset == at, e.length > 0 else { throw TestFailure("block status of \(offset)+\(length) has a gap or overlap at \(e.offset)") }
+                    at += e.length
+                }
+                guard at == offset + UInt64(length) else { throw TestFailure("block status of \(offset)+\(length) stops at \(at)") }
+                kind = .blockStatus
             default:
                 try buffer.withUnsafeMutableBytes { try img.read(into: $0, at: offset) }
                 kind = .read([])
@@ -330,17 +341,18 @@ struct StressTests {
             let q = try sh(["qemu-img", "check", "-f", f, path], cwd: dir.path, check: false)
             #expect(q.status == 0, "\(v): qemu-img check exited \(q.status): \(q.out)\(q.err)")
         }
-        let counts = events.reduce(into: [0, 0, 0, 0, 0]) { c, e in
+        let counts = events.reduce(into: [0, 0, 0, 0, 0, 0]) { c, e in
             switch e.kind {
             case .write: c[0] += 1
             case .zero: c[1] += 1
             case .discard: c[2] += 1
             case .flush: c[3] += 1
             case .read: c[4] += 1
+            case .blockStatus: c[5] += 1
             }
         }
         print("stress \(v): \(events.count) operations on \(Self.threads) threads (\(counts[0]) writes, \(counts[1]) zero writes, "
-              + "\(counts[2]) discards, \(counts[3]) flushes, \(counts[4]) reads of \(readSectors) sectors)")
+              + "\(counts[2]) discards, \(counts[3]) flushes, \(counts[4]) reads of \(readSectors) sectors, \(counts[5]) block status queries)")
     }
 
     @Test("the model rejects a lost write, a stale read, a misplaced stamp and a torn final sector")
