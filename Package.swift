@@ -74,6 +74,6 @@ let package = Package(
 // Fuzz targets: built only for scripts/fuzz.sh (they need -sanitize=fuzzer for a main).
 if ProcessInfo.processInfo.environment["VLOOP_FUZZ"] != nil {
     package.products.append(.executable(name: "vloop-fuzz", targets: ["VloopFuzz"]))
-    package.targets.append(.executableTarget(name: "VloopFuzz", dependencies: ["VirtualDisk"],
+    package.targets.append(.executableTarget(name: "VloopFuzz", dependencies: ["VirtualDisk", "NBDServer"],
                                              swiftSettings: [.swiftLanguageMode(.v6), .unsafeFlags(["-parse-as-library"])]))
 }

@@ -36,7 +36,7 @@ struct CommonOptions: ParsableArguments {
 
     func apply() throws {
         if let c = cacheSize {
-            MetadataCache.shared.setBudget(Int(try SizeParser.parse(c)))
+            MetadataCache.shared.setBudget(try SizeParser.cacheBudget(c))
         }
     }
 }

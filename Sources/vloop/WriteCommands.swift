@@ -192,16 +192,7 @@ struct Resize: ParsableCommand {
             let img = try openImage(image, format: f, writable: true, noBacking: true)
             defer { try? img.close() }
             let old = img.info.virtualSize
-            let newSize: UInt64
-            if size.hasPrefix("+") {
-                newSize = old + (try SizeParser.parse(String(size.dropFirst())))
-            } else if size.hasPrefix("-") {
-                let d = try SizeParser.parse(String(size.dropFirst()))
-                guard d <= old else { throw ImageError(.invalidArgument, "cannot shrink below zero", path: image) }
-                newSize = old - d
-            } else {
-                newSize = try SizeParser.parse(size)
-            }
+            let newSize = try SizeParser.resizeTarget(size, current: old)
             try ResizeOperation.run(img, to: newSize, shrink: shrink)
             try img.close()
             if !q { print("Image resized.") }

@@ -127,4 +127,85 @@ struct QCOW2EdgeTests {
         #expect(UInt64(actual) <= m.required, "measured \(m.required), qemu-img wrote \(actual)")
         #expect(m.fullyAllocated >= 64 << 20)
     }
+
+    /// The interleaving the stress test hunts for, forced: with extended L2, a write over a
+    /// subcluster with data and one without pauses while it reads the backing file for
+    /// the second; meanwhile another write goes in place into the first. The paused
+    /// write must not bring back what the first subcluster held before.
+    @Test("extended L2: a copy-on-write from the backing file does not undo a concurrent in-place write")
+    func extendedL2InPlaceRace() throws {
+        let dir = TempDir()
+        try RawLayer.create(path: dir.file("base.raw"), size: 1 << 20)
+        var r = CreateRequest(path: dir.file("top.qcow2"), format: .qcow2, size: 1 << 20)
+        r.options = [("extended_l2", "on"), ("cluster_size", "64k")]
+        r.backingFile = "base.raw"
+        r.backingFormat = .raw
+        try CreateOperation.run(r)
+        var o = OpenOptions(format: .qcow2, writable: true)
+        o.noBacking = true
+        o.userNamed = [dir.file("top.qcow2")]
+        let top = try ImageOpener.open(dir.file("top.qcow2"), options: o) as! LayeredImage
+        let gate = GatedImage(try openRO(dir.file("base.raw")))
+        let img = LayeredImage(layer: top.layer, backing: gate)
+        defer { try? img.close() }
+        try img.write([UInt8](repeating: 1, count: 2048), at: 0)  // subcluster 0 holds data, 1 does not
+        gate.arm()
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            try! img.write([UInt8](repeating: 2, count: 2048), at: 1024)  // half of subcluster 1
+            done.signal()
+        }
+        #expect(gate.waitUntilEntered(timeout: 30), "the write over both subclusters never read the backing file")
+        try img.write([UInt8](repeating: 3, count: 512), at: 0)  // in place, while the other waits
+        gate.release()
+        #expect(done.wait(timeout: .now() + 30) == .success, "the paused write never finished")
+        let got = try img.read(at: 0, count: 4096)
+        #expect(got[0..<512].allSatisfy { $0 == 3 }, "the in-place write was undone: sector 0 holds \(got[0])")
+        #expect(got[512..<1024].allSatisfy { $0 == 1 } && got[1024..<3072].allSatisfy { $0 == 2 } && got[3072..<4096].allSatisfy { $0 == 0 })
+    }
+}
+
+/// A backing image whose next read, once armed, waits until released: it holds a
+/// copy-on-write at a known point so a test can interleave another request there.
+final class GatedImage: DiskImage, @unchecked Sendable {
+    // Safe: `inner` is thread-safe; the gate state is guarded by `condition`.
+    let inner: DiskImage
+    private let condition = NSCondition()
+    private var armed = false, entered = false, released = false
+
+    init(_ inner: DiskImage) { self.inner = inner }
+
+    func arm() { condition.lock(); armed = true; entered = false; released = false; condition.unlock() }
+
+    func waitUntilEntered(timeout: TimeInterval) -> Bool {
+        condition.lock(); defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout)
+        while !entered { if !condition.wait(until: deadline) { return false } }
+        return true
+    }
+
+    func release() { condition.lock(); released = true; condition.broadcast(); condition.unlock() }
+
+    var info: ImageInfo { inner.info }
+    var backingImage: DiskImage? { inner.backingImage }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        condition.lock()
+        if armed {
+            armed = false
+            entered = true
+            condition.broadcast()
+            let deadline = Date().addingTimeInterval(30)
+            while !released { if !condition.wait(until: deadline) { break } }
+        }
+        condition.unlock()
+        try inner.read(into: buffer, at: offset)
+    }
+
+    func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws { try inner.write(data, at: offset) }
+    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws { try inner.writeZeroes(at: offset, length: length, mayUnmap: mayUnmap) }
+    func discard(at offset: UInt64, length: UInt64) throws { try inner.discard(at: offset, length: length) }
+    func extents(at offset: UInt64, length: UInt64) throws -> [Extent] { try inner.extents(at: offset, length: length) }
+    func flush() throws { try inner.flush() }
+    func close() throws { try inner.close() }
 }

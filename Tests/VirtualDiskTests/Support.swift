@@ -2,9 +2,10 @@ import Foundation
 import Testing
 @testable import VirtualDisk
 
-/// Run a program, returning its exit status and output.
+/// Run a program, returning its exit status and output. A program still running after
+/// `timeout` seconds is killed and the call throws: no test waits forever on a child.
 @discardableResult
-func sh(_ args: [String], cwd: String? = nil, check: Bool = true) throws -> (status: Int32, out: String, err: String) {
+func sh(_ args: [String], cwd: String? = nil, check: Bool = true, timeout: TimeInterval = 600) throws -> (status: Int32, out: String, err: String) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     p.arguments = args
@@ -12,15 +13,42 @@ func sh(_ args: [String], cwd: String? = nil, check: Bool = true) throws -> (sta
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
+    let exited = DispatchSemaphore(value: 0)
+    p.terminationHandler = { _ in exited.signal() }
     try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    let r = (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    // Drain both pipes while waiting, so a chatty child cannot block on a full pipe.
+    let output = PipeDrain(out.fileHandleForReading), errors = PipeDrain(err.fileHandleForReading)
+    if exited.wait(timeout: .now() + timeout) == .timedOut {
+        kill(p.processIdentifier, SIGKILL)
+        _ = exited.wait(timeout: .now() + 10)
+        throw TestFailure("\(args.joined(separator: " ")) still running after \(timeout) s; killed")
+    }
+    let r = (p.terminationStatus, String(decoding: output.wait(), as: UTF8.self), String(decoding: errors.wait(), as: UTF8.self))
     if check && r.0 != 0 {
         throw TestFailure("\(args.joined(separator: " ")) exited \(r.0): \(r.2)\(r.1)")
     }
     return r
+}
+
+/// Reads a pipe to its end on a thread of its own.
+final class PipeDrain: @unchecked Sendable {
+    // Safe: `data` is written by the reading thread before `done` is signalled and read
+    // by the waiter only after it.
+    private var data = Data()
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ handle: FileHandle) {
+        Thread.detachNewThread { [self] in
+            data = handle.readDataToEndOfFile()
+            done.signal()
+        }
+    }
+
+    /// The bytes read; waits at most 30 s for the pipe to close (a daemon the child
+    /// started may hold it open), else returns nothing.
+    func wait() -> Data {
+        done.wait(timeout: .now() + 30) == .success ? data : Data()
+    }
 }
 
 struct TestFailure: Error, CustomStringConvertible {

@@ -36,6 +36,13 @@ public enum MeasureOperation {
                 }
             }
             guard cs.isPowerOfTwo, cs >= 512, cs <= 2 << 20 else { throw ImageError(.invalidArgument, "invalid cluster_size") }
+            guard refBits.isPowerOfTwo, refBits <= 64 else {
+                throw ImageError(.invalidArgument, "refcount_bits must be a power of two up to 64 (got \(refBits))")
+            }
+            // qcow2 images end well before 2^63 bytes (qemu's limit is 2^61 with L1 tables of 32 MiB).
+            guard virtualSize <= 1 << 62 else {
+                throw ImageError(.invalidArgument, "virtual size \(virtualSize) is too large for a qcow2 image")
+            }
             func metadata(_ data: UInt64) -> UInt64 {
                 let entry: UInt64 = extended ? 16 : 8
                 let perL2 = cs / entry

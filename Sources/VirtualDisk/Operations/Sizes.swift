@@ -31,6 +31,28 @@ public enum SizeParser {
         throw ImageError(.invalidArgument, "invalid size '\(text)': use a number with an optional k, M, G, T suffix")
     }
 
+    /// The size `resize` aims for: SIZE, +SIZE (grow by) or -SIZE (shrink by) from `current`.
+    public static func resizeTarget(_ text: String, current old: UInt64) throws -> UInt64 {
+        if text.hasPrefix("+") {
+            let (grown, overflow) = old.addingReportingOverflow(try parse(String(text.dropFirst())))
+            if overflow { throw ImageError(.invalidArgument, "size \(old) \(text) is too large") }
+            return grown
+        } else if text.hasPrefix("-") {
+            let d = try parse(String(text.dropFirst()))
+            guard d <= old else { throw ImageError(.invalidArgument, "cannot shrink below zero") }
+            return old - d
+        }
+        return try parse(text)
+    }
+
+    /// A metadata cache budget in bytes (`--cache-size`).
+    public static func cacheBudget(_ text: String) throws -> Int {
+        guard let budget = Int(exactly: try parse(text)) else {
+            throw ImageError(.invalidArgument, "cache size '\(text)' is too large")
+        }
+        return budget
+    }
+
     /// qemu-img's human form: "10 MiB", "1.5 GiB".
     public static func human(_ v: UInt64) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]

@@ -134,6 +134,9 @@ extension QCOW2Layer {
         // Allocated here and referenced only by the active tables (with an external data
         // file, host offsets equal guest offsets and the copied flag marks allocation).
         let ownsCluster = !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData)
+        if ownsCluster && header.extendedL2 {
+            return try writeOwnedUnits(data, at: pos, entry: e, below: below)
+        }
 
         // Units (subclusters) the write touches; for standard L2 the whole cluster.
         let firstUnit = (pos - clusterStart) / unitSize
@@ -184,6 +187,49 @@ extension QCOW2Layer {
             }
             try setL2Entry(guestCluster: c, new)
             if !ownsCluster { try releaseEntry(e, deferred: true) }
+        }
+    }
+
+    /// A write into a cluster this image owns, with extended L2 entries, where some touched
+    /// subclusters hold no data yet. Subclusters that do hold data may be written in place
+    /// by other writers at this very moment (the fast path takes no allocation lock), so
+    /// they get this write's bytes alone, never a rewrite from an earlier read of them;
+    /// only the subclusters without data are filled from their current view (zeroes or
+    /// the backing file), which no other writer can touch until their bits are set.
+    /// Runs under `allocLock`.
+    private func writeOwnedUnits(_ data: UnsafeRawBufferPointer, at pos: UInt64, entry e: L2Entry, below: BelowReader) throws {
+        let c = pos / clusterSize
+        let clusterStart = c * clusterSize
+        // With an external data file, host offsets equal guest offsets.
+        let host = externalData ? clusterStart : e.hostOffset
+        let end = pos + UInt64(data.count)
+        var unit = (pos - clusterStart) / unitSize
+        var filled: UInt64 = 0
+        while clusterStart + unit * unitSize < end {
+            // A run of units that all hold data, or all do not.
+            let hasData = e.bitmap & (1 << unit) != 0
+            var last = unit
+            while clusterStart + (last + 1) * unitSize < end, (e.bitmap & (1 << (last + 1)) != 0) == hasData { last += 1 }
+            let runStart = clusterStart + unit * unitSize, runEnd = clusterStart + (last + 1) * unitSize
+            let from = max(pos, runStart), to = min(end, runEnd)
+            let mine = UnsafeRawBufferPointer(rebasing: data[Int(from - pos)..<Int(to - pos)])
+            if hasData {
+                try dataFile.write(mine, at: host + (from - clusterStart))
+            } else {
+                var buffer = [UInt8](repeating: 0, count: Int(runEnd - runStart))
+                try buffer.withUnsafeMutableBytes { buf in
+                    if from != runStart || to != runEnd { try currentView(e, at: runStart, into: buf, below: below) }
+                    UnsafeMutableRawBufferPointer(rebasing: buf[Int(from - runStart)..<Int(to - runStart)]).copyMemory(from: mine)
+                }
+                try dataFile.write(buffer, at: host + (runStart - clusterStart))
+                filled |= ((UInt64(1) << (last - unit + 1)) - 1) << unit
+            }
+            unit = last + 1
+        }
+        guard filled != 0 else { return }
+        // Data is written; now expose it.
+        try lock.run {
+            try setL2Entry(guestCluster: c, L2Entry(raw: e.raw, bitmap: (e.bitmap | filled) & ~(filled << 32)))
         }
     }
 
