@@ -158,6 +158,9 @@ def serve(kind, path, fmt, port):
 
 
 def measure(kind, path, fmt, size, port):
+    # Every server starts with the image's metadata out of the host's page cache: the
+    # first one to sweep a 64 TiB image would otherwise warm it for the others.
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches")
     proc, uri = serve(kind, path, fmt, port)
     try:
         fio = subprocess.Popen(f"fio --name=m --ioengine=nbd --uri={uri} --rw=randread --bs=4k --iodepth=32 "
@@ -197,7 +200,8 @@ def write_section(rows):
              f"Resident set (VmRSS sampled every 0.2 s; peak and at the end) of the NBD server while "
              f"`fio --ioengine=nbd --rw=randread --bs=4k --iodepth=32` reads random blocks across the whole "
              f"disk for {SECONDS} s. vloop runs with `--cache-size 32M` (its default) and `2M`; qemu-nbd with its defaults "
-             f"(`--cache=writeback`). Every table entry of each image is set (see `scripts/bench_memory.py` "
+             f"(`--cache=writeback`). The host's page cache is dropped before each server starts, so each reads "
+             f"the metadata it needs from disk (ext4 on virtio, under an XFS file system in a file). Every table entry of each image is set (see `scripts/bench_memory.py` "
              f"for how each is made); the data lies in sparse files on XFS. {os.cpu_count()} cores, {cpu}.", "",
              "| format | size | server | peak RSS (MiB) | RSS at end (MiB) | kIOPS |", "|---|---|---|---|---|---|"]
     for fmt, label, kind, peak, end, iops in rows:
@@ -210,7 +214,7 @@ def write_section(rows):
             small = next(r[3] for r in rows if r[0] == fmt and r[1] == "1 GiB" and r[2] == kind)
             lines.append(f"- {fmt}, cache {c}: {big:.1f} MiB vs {small:.1f} MiB ({big - small:+.1f} MiB, {(big / small - 1) * 100:+.1f}%)")
     lines += ["", f"Reproduce: `bash scripts/bench-memory.sh {SECONDS}` (root; needs about 25 GiB free for the "
-              f"sparse XFS file at {BACKING}; building the images once takes about 15 minutes, "
+              f"sparse XFS file it makes at /var/tmp/vloop-membench.xfs, or VLOOP_MEMBENCH_FILE; building the images once takes about 15 minutes, "
               f"later runs reuse them).", "<!-- memory:end -->"]
     section = "\n".join(lines) + "\n"
     path = os.path.join(ROOT, "BENCHMARKS.md")
