@@ -101,6 +101,51 @@ struct SplitMix: RandomNumberGenerator {
     }
 }
 
+/// `n` bytes from a seeded generator.
+func randomBytes(_ n: Int, _ rng: inout SplitMix) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: n)
+    var i = 0
+    while i < n {
+        var v = rng.next()
+        for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: v); v >>= 8; i += 1 }
+    }
+    return out
+}
+
+/// Random writes (unaligned, crossing blocks, some of zeroes) applied to the image and
+/// the model alike.
+func randomWrites(_ img: DiskImage, _ model: inout [UInt8], count: Int, maxLength: Int, _ rng: inout SplitMix) throws {
+    for step in 0..<count {
+        let len = Int.random(in: 1...maxLength, using: &rng)
+        var off = Int.random(in: 0...(model.count - len), using: &rng)
+        if step % 4 == 0 { off = off / 512 * 512 }
+        let data = step % 5 == 4 ? [UInt8](repeating: 0, count: len) : randomBytes(len, &rng)
+        try img.write(data, at: UInt64(off))
+        model.replaceSubrange(off..<(off + len), with: data)
+    }
+}
+
+/// vloop's check of one image file on its own (no backing file), repairing as asked.
+func checkImage(_ path: String, format: ImageFormat, repair: CheckRepair = .none) throws -> CheckReport {
+    var o = OpenOptions(format: format, writable: repair != .none)
+    o.noBacking = true
+    o.userNamed = [path]
+    let img = try ImageOpener.open(path, options: o)
+    defer { try? img.close() }
+    guard let layer = (img as? LayeredImage)?.layer as? CheckableLayer else {
+        throw ImageError(.unsupported, "no check for \(format)", path: path)
+    }
+    return try layer.check(repair: repair)
+}
+
+/// `qemu-img compare` of an image (in qemu's format name) against the expected bytes.
+func qemuCompare(_ path: String, format: String, model: [UInt8], _ dir: TempDir) throws {
+    let raw = dir.file("model-\(UUID().uuidString).raw")
+    try Data(model).write(to: URL(fileURLWithPath: raw))
+    defer { try? FileManager.default.removeItem(atPath: raw) }
+    try sh(["qemu-img", "compare", "-U", "-f", format, "-F", "raw", path, raw])
+}
+
 let sharedDir: String = {
     // Tests run from the package root; shared/ sits beside the checkout.
     let cwd = FileManager.default.currentDirectoryPath

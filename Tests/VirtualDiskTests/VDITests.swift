@@ -31,20 +31,7 @@ enum VDIPeer {
     /// qemu-img check and compare against the expected bytes.
     static func qemuAgrees(_ path: String, _ model: [UInt8], _ dir: TempDir) throws {
         try sh(["qemu-img", "check", "-U", "-f", "vdi", path])
-        let raw = dir.file("model-\(UUID().uuidString).raw")
-        try Data(model).write(to: URL(fileURLWithPath: raw))
-        defer { try? FileManager.default.removeItem(atPath: raw) }
-        try sh(["qemu-img", "compare", "-U", "-f", "vdi", "-F", "raw", path, raw])
-    }
-
-    static func randomBytes(_ n: Int, _ rng: inout SplitMix) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: n)
-        var i = 0
-        while i < n {
-            var v = rng.next()
-            for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: v); v >>= 8; i += 1 }
-        }
-        return out
+        try qemuCompare(path, format: "vdi", model: model, dir)
     }
 
     static func layer(_ image: DiskImage) -> VDILayer {
@@ -52,12 +39,7 @@ enum VDIPeer {
     }
 
     static func check(_ path: String, repair: CheckRepair = .none) throws -> CheckReport {
-        var o = OpenOptions(format: .vdi, writable: repair != .none)
-        o.noBacking = true
-        o.userNamed = [path]
-        let img = try ImageOpener.open(path, options: o)
-        defer { try? img.close() }
-        return try layer(img).check(repair: repair)
+        try checkImage(path, format: .vdi, repair: repair)
     }
 
     /// Random writes (unaligned, crossing blocks, some of zeroes), zero writes and
@@ -304,7 +286,7 @@ struct VDITests {
         for _ in 0..<8 {
             let len = Int.random(in: 1...400_000, using: &rng)
             let off = Int.random(in: 0...(size - len), using: &rng)
-            let data = VDIPeer.randomBytes(len, &rng)
+            let data = randomBytes(len, &rng)
             try img.write(data, at: UInt64(off))
             model.replaceSubrange(off..<(off + len), with: data)
         }
@@ -757,7 +739,7 @@ struct VDITests {
                 let off = Int.random(in: 0..<(size - len), using: &rng)
                 switch Int.random(in: 0..<6, using: &rng) {
                 case 0...2:
-                    let data = VDIPeer.randomBytes(len, &rng)
+                    let data = randomBytes(len, &rng)
                     try img.write(data, at: UInt64(off))
                     model.replaceSubrange(off..<(off + len), with: data)
                     for k in off..<(off + len) { dirty[k] = true }

@@ -31,20 +31,7 @@ enum VHDPeer {
 
     /// qemu-img compare of a VHD against the expected bytes.
     static func qemuAgrees(_ path: String, _ model: [UInt8], _ dir: TempDir) throws {
-        let raw = dir.file("model-\(UUID().uuidString).raw")
-        try Data(model).write(to: URL(fileURLWithPath: raw))
-        defer { try? FileManager.default.removeItem(atPath: raw) }
-        try sh(["qemu-img", "compare", "-U", "-f", "vpc", "-F", "raw", path, raw])
-    }
-
-    static func randomBytes(_ n: Int, _ rng: inout SplitMix) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: n)
-        var i = 0
-        while i < n {
-            var v = rng.next()
-            for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: v); v >>= 8; i += 1 }
-        }
-        return out
+        try qemuCompare(path, format: "vpc", model: model, dir)
     }
 
     static func layer(_ image: DiskImage) -> VHDLayer {
@@ -52,26 +39,9 @@ enum VHDPeer {
     }
 
     static func check(_ path: String, repair: CheckRepair = .none) throws -> CheckReport {
-        var o = OpenOptions(format: .vhd, writable: repair != .none)
-        o.noBacking = true
-        o.userNamed = [path]
-        let img = try ImageOpener.open(path, options: o)
-        defer { try? img.close() }
-        return try layer(img).check(repair: repair)
+        try checkImage(path, format: .vhd, repair: repair)
     }
 
-    /// Random writes (unaligned, crossing blocks, some of zeroes) applied to the image
-    /// and the model alike.
-    static func randomWrites(_ img: DiskImage, _ model: inout [UInt8], count: Int, maxLength: Int, _ rng: inout SplitMix) throws {
-        for step in 0..<count {
-            let len = Int.random(in: 1...maxLength, using: &rng)
-            var off = Int.random(in: 0...(model.count - len), using: &rng)
-            if step % 4 == 0 { off = off / 512 * 512 }
-            let data = step % 5 == 4 ? [UInt8](repeating: 0, count: len) : randomBytes(len, &rng)
-            try img.write(data, at: UInt64(off))
-            model.replaceSubrange(off..<(off + len), with: data)
-        }
-    }
 
     /// Virtual sizes from MANIFEST.tsv, by file name.
     static func manifestSizes() -> [String: UInt64] {
@@ -196,7 +166,7 @@ struct VHDTests {
 
         let rw = try openRW(path)
         var rng = SplitMix(state: 41)
-        try VHDPeer.randomWrites(rw, &model, count: 30, maxLength: 300_000, &rng)
+        try randomWrites(rw, &model, count: 30, maxLength: 300_000, &rng)
         try rw.writeZeroes(at: 1024, length: 70_000, mayUnmap: true)
         for k in 1024..<71_024 { model[k] = 0 }
         #expect(try readAll(rw) == model)
@@ -228,7 +198,7 @@ struct VHDTests {
         #expect(try VHDPeer.qemuVirtualSize(path) == size, "qemu sees another virtual size")
         var model = [UInt8](repeating: 0, count: Int(size))
         var rng = SplitMix(state: c.size ^ 0x5eed)
-        try VHDPeer.randomWrites(img, &model, count: 40, maxLength: 200_000, &rng)
+        try randomWrites(img, &model, count: 40, maxLength: 200_000, &rng)
         try img.close()
         try VHDPeer.qemuAgrees(path, model, dir)
         #expect(try Self.cleanCheck(path))
@@ -277,7 +247,7 @@ struct VHDTests {
         for _ in 0..<8 {
             let len = Int.random(in: 1...400_000, using: &rng)
             let off = Int.random(in: 0...(diffSize - len), using: &rng)
-            let data = VHDPeer.randomBytes(len, &rng)
+            let data = randomBytes(len, &rng)
             try img.write(data, at: UInt64(off))
             model.replaceSubrange(off..<(off + len), with: data)
         }
@@ -306,7 +276,7 @@ struct VHDTests {
             let off = Int.random(in: 0...(Self.diffSize - len), using: &rng)
             switch step % 10 {
             case 0...5:
-                let data = VHDPeer.randomBytes(len, &rng)
+                let data = randomBytes(len, &rng)
                 try img.write(data, at: UInt64(off))
                 model.replaceSubrange(off..<(off + len), with: data)
                 for k in off..<(off + len) { loose[k] = false }
@@ -598,7 +568,7 @@ struct VHDTests {
             try VHDPeer.create(path, size: 3 << 20, options: [("subformat", subformat), ("force_size", "on"), ("block_size", "64k")])
             let img = try openRW(path)
             var model = [UInt8](repeating: 0, count: 3 << 20)
-            try VHDPeer.randomWrites(img, &model, count: 10, maxLength: 300_000, &rng)
+            try randomWrites(img, &model, count: 10, maxLength: 300_000, &rng)
             try ResizeOperation.run(img, to: 40 << 20, shrink: false)
             model += [UInt8](repeating: 0, count: (40 << 20) - (3 << 20))
             #expect(img.info.virtualSize == 40 << 20)
@@ -638,7 +608,7 @@ struct VHDTests {
         try VHDPeer.create(child, size: UInt64(Self.diffSize), options: [("force_size", "on")], backing: "p.vhd")
         let top = try openRW(child)
         var model = parentView
-        try VHDPeer.randomWrites(top, &model, count: 20, maxLength: 100_000, &rng)
+        try randomWrites(top, &model, count: 20, maxLength: 100_000, &rng)
         try RebaseOperation.run(top: top, newBacking: nil, newName: nil, newFormat: nil)
         try top.close()
         let img = try openRO(child)
@@ -659,7 +629,7 @@ struct VHDTests {
         try VHDPeer.create(child, size: UInt64(Self.diffSize), options: [("force_size", "on")], backing: "p.vhd")
         let top = try openRW(child)
         var model = parentView
-        try VHDPeer.randomWrites(top, &model, count: 20, maxLength: 100_000, &rng)
+        try randomWrites(top, &model, count: 20, maxLength: 100_000, &rng)
         try top.close()
         let c = try ImageOpener.openForCommit(child, format: .vhd, backingFormat: .vhd)
         try CommitOperation.run(top: c, keepTop: false)

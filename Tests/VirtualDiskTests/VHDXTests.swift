@@ -23,25 +23,12 @@ enum VHDXPeer {
     }
 
     static func qemuAgrees(_ path: String, _ model: [UInt8], _ dir: TempDir) throws {
-        let raw = dir.file("model-\(UUID().uuidString).raw")
-        try Data(model).write(to: URL(fileURLWithPath: raw))
-        defer { try? FileManager.default.removeItem(atPath: raw) }
         try sh(["qemu-img", "check", "-U", "-f", "vhdx", path])
-        try sh(["qemu-img", "compare", "-U", "-f", "vhdx", "-F", "raw", path, raw])
+        try qemuCompare(path, format: "vhdx", model: model, dir)
     }
 
     static func sha256(_ path: String) throws -> String {
         try sh(["sha256sum", path]).out.split(separator: " ").first.map(String.init) ?? ""
-    }
-
-    static func randomBytes(_ n: Int, _ rng: inout SplitMix) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: n)
-        var i = 0
-        while i < n {
-            var v = rng.next()
-            for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: v); v >>= 8; i += 1 }
-        }
-        return out
     }
 
     static func layer(_ image: DiskImage) -> VHDXLayer {
@@ -49,25 +36,9 @@ enum VHDXPeer {
     }
 
     static func check(_ path: String, repair: CheckRepair = .none) throws -> CheckReport {
-        var o = OpenOptions(format: .vhdx, writable: repair != .none)
-        o.noBacking = true
-        o.userNamed = [path]
-        let img = try ImageOpener.open(path, options: o)
-        defer { try? img.close() }
-        return try layer(img).check(repair: repair)
+        try checkImage(path, format: .vhdx, repair: repair)
     }
 
-    /// Random writes (unaligned, crossing blocks, some of zeroes) to image and model.
-    static func randomWrites(_ img: DiskImage, _ model: inout [UInt8], count: Int, maxLength: Int, _ rng: inout SplitMix) throws {
-        for step in 0..<count {
-            let len = Int.random(in: 1...maxLength, using: &rng)
-            var off = Int.random(in: 0...(model.count - len), using: &rng)
-            if step % 4 == 0 { off = off / 512 * 512 }
-            let data = step % 5 == 4 ? [UInt8](repeating: 0, count: len) : randomBytes(len, &rng)
-            try img.write(data, at: UInt64(off))
-            model.replaceSubrange(off..<(off + len), with: data)
-        }
-    }
 }
 
 struct QemuVHDXCase: CustomStringConvertible, Sendable {
@@ -209,7 +180,7 @@ struct VHDXTests {
 
         let rw = try openRW(path)
         var rng = SplitMix(state: 77)
-        try VHDXPeer.randomWrites(rw, &model, count: 30, maxLength: 300_000, &rng)
+        try randomWrites(rw, &model, count: 30, maxLength: 300_000, &rng)
         try rw.writeZeroes(at: 1024, length: 70_000, mayUnmap: true)
         for k in 1024..<71_024 { model[k] = 0 }
         try rw.discard(at: 0, length: 0)
@@ -249,7 +220,7 @@ struct VHDXTests {
         #expect(img.info.logicalSectorSize == lss)
         var model = [UInt8](repeating: 0, count: Int(size))
         var rng = SplitMix(state: c.size ^ 0x5eed)
-        try VHDXPeer.randomWrites(img, &model, count: 40, maxLength: 200_000, &rng)
+        try randomWrites(img, &model, count: 40, maxLength: 200_000, &rng)
         // Whole-block zeroes and discards take the ZERO / UNMAPPED states.
         try img.writeZeroes(at: 0, length: 1 << 20, mayUnmap: false)
         for k in 0..<(1 << 20) { model[k] = 0 }
@@ -295,7 +266,7 @@ struct VHDXTests {
         var model = [UInt8](repeating: 0, count: 3 << 20)
         var rng = SplitMix(state: 5)
         var img = try openRW(path)
-        try VHDXPeer.randomWrites(img, &model, count: 10, maxLength: 100_000, &rng)
+        try randomWrites(img, &model, count: 10, maxLength: 100_000, &rng)
         try img.close()
         let big: UInt64 = fixed ? (40 << 20) + 512 : (600 << 30)  // 600 GiB: 1 MiB of BAT is too small
         img = try openRW(path)
@@ -327,7 +298,7 @@ struct VHDXTests {
         for _ in 0..<8 {
             let len = Int.random(in: 1...400_000, using: &rng)
             let off = Int.random(in: 0...(diffSize - len), using: &rng)
-            let data = VHDXPeer.randomBytes(len, &rng)
+            let data = randomBytes(len, &rng)
             try img.write(data, at: UInt64(off))
             model.replaceSubrange(off..<(off + len), with: data)
         }
@@ -360,7 +331,7 @@ struct VHDXTests {
             let off = Int.random(in: 0...(size - len), using: &rng)
             switch step % 10 {
             case 0...5:
-                let data = VHDXPeer.randomBytes(len, &rng)
+                let data = randomBytes(len, &rng)
                 try img.write(data, at: UInt64(off))
                 model.replaceSubrange(off..<(off + len), with: data)
                 for k in off..<(off + len) { loose[k] = false }
@@ -442,7 +413,7 @@ struct VHDXTests {
         let child = dir.file("child.vhdx")
         try VHDXPeer.create(child, size: UInt64(Self.diffSize), options: [("block_size", "1M")], backing: "base.vhdx")
         let c = try openRW(child)
-        try VHDXPeer.randomWrites(c, &model, count: 20, maxLength: 300_000, &rng)
+        try randomWrites(c, &model, count: 20, maxLength: 300_000, &rng)
         try c.close()
         let top = try ImageOpener.openForCommit(child, format: .vhdx, backingFormat: .vhdx)
         try CommitOperation.run(top: top, keepTop: false)
@@ -466,7 +437,7 @@ struct VHDXTests {
         let child = dir.file("child.vhdx")
         try VHDXPeer.create(child, size: UInt64(Self.diffSize), options: [("block_size", "1M")], backing: "a.vhdx")
         let c = try openRW(child)
-        try VHDXPeer.randomWrites(c, &model, count: 10, maxLength: 100_000, &rng)
+        try randomWrites(c, &model, count: 10, maxLength: 100_000, &rng)
         let b = try openRO(dir.file("b.vhdx"))
         try RebaseOperation.run(top: c, newBacking: b, newName: "b.vhdx", newFormat: "vhdx")
         try b.close()
@@ -514,7 +485,7 @@ struct VHDXTests {
                 let off = Int.random(in: 0..<(size - len), using: &rng)
                 switch Int.random(in: 0..<6, using: &rng) {
                 case 0...2:
-                    let data = VHDXPeer.randomBytes(len, &rng)
+                    let data = randomBytes(len, &rng)
                     try img.write(data, at: UInt64(off))
                     model.replaceSubrange(off..<(off + len), with: data)
                     for k in off..<(off + len) { dirtySinceFlush[k] = true }
@@ -609,7 +580,7 @@ struct VHDXTests {
         let path = dir.file("top.vhdx")
         if differencing {
             var rng = SplitMix(state: 3)
-            below = VHDXPeer.randomBytes(size, &rng)
+            below = randomBytes(size, &rng)
             try VHDXPeer.create(dir.file("base.vhdx"), size: UInt64(size), options: [("block_size", "1M")])
             let b = try openRW(dir.file("base.vhdx"))
             try b.write(below, at: 0)

@@ -15,16 +15,6 @@ enum VMDKPeer {
         try CreateOperation.run(r)
     }
 
-    static func randomBytes(_ n: Int, _ rng: inout SplitMix) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: n)
-        var i = 0
-        while i < n {
-            var v = rng.next()
-            for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: v); v >>= 8; i += 1 }
-        }
-        return out
-    }
-
     /// Our guest view written to a sparse raw file (convert keeps holes).
     static func ourRaw(_ img: DiskImage, _ dir: TempDir) throws -> String {
         let raw = dir.file("ours-\(UUID().uuidString).raw")
@@ -52,16 +42,6 @@ enum VMDKPeer {
         try sh(["qemu-img", "compare", "-U", "-f", "vmdk", "-F", "raw", path, raw], cwd: dir.path)
     }
 
-    static func randomWrites(_ img: DiskImage, _ model: inout [UInt8], count: Int, maxLength: Int, _ rng: inout SplitMix) throws {
-        for step in 0..<count {
-            let len = Int.random(in: 1...maxLength, using: &rng)
-            var off = Int.random(in: 0...(model.count - len), using: &rng)
-            if step % 4 == 0 { off = off / 512 * 512 }
-            let data = step % 5 == 4 ? [UInt8](repeating: 0, count: len) : randomBytes(len, &rng)
-            try img.write(data, at: UInt64(off))
-            model.replaceSubrange(off..<(off + len), with: data)
-        }
-    }
 
     static func layer(_ image: DiskImage) -> VMDKLayer {
         (image as! LayeredImage).layer as! VMDKLayer
@@ -212,7 +192,7 @@ struct VMDKTests {
         if c.subformat == "streamOptimized" {
             // qemu writes stream-optimized images only by convert (whole grains once).
             var src = [UInt8](repeating: 0, count: Int(size))
-            for (o, n) in spots { src.replaceSubrange(Int(o)..<(Int(o) + n), with: VMDKPeer.randomBytes(n, &rng)) }
+            for (o, n) in spots { src.replaceSubrange(Int(o)..<(Int(o) + n), with: randomBytes(n, &rng)) }
             let raw = try VMDKPeer.writeModel(src, dir)
             try sh(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, path])
         } else {
@@ -231,7 +211,7 @@ struct VMDKTests {
         if size < 64 << 20 {
             var model = try readAll(try openRO(path))
             let rw = try openRW(path)
-            try VMDKPeer.randomWrites(rw, &model, count: 30, maxLength: 200_000, &rng)
+            try randomWrites(rw, &model, count: 30, maxLength: 200_000, &rng)
             try rw.writeZeroes(at: 1024, length: 70_000, mayUnmap: true)
             for k in 1024..<71_024 { model[k] = 0 }
             #expect(try readAll(rw) == model)
@@ -239,7 +219,7 @@ struct VMDKTests {
             try VMDKPeer.qemuAgrees(path, try VMDKPeer.writeModel(model, dir), dir)
         } else {
             let rw = try openRW(path)
-            let data = VMDKPeer.randomBytes(300_000, &rng)
+            let data = randomBytes(300_000, &rng)
             let at = (2 << 30) - 150_000  // across the extent boundary
             try rw.write(data, at: UInt64(at))
             try rw.close()
@@ -269,10 +249,10 @@ struct VMDKTests {
             let spots: [UInt64] = [0, (2 << 30) - 70_000, c.size - 5000]
             for at in spots {
                 let n: Int = 100_000 < c.size - at ? 100_000 : Int(c.size - at)
-                try img.write(VMDKPeer.randomBytes(n, &rng), at: at)
+                try img.write(randomBytes(n, &rng), at: at)
             }
         } else {
-            try VMDKPeer.randomWrites(img, &model, count: 40, maxLength: 200_000, &rng)
+            try randomWrites(img, &model, count: 40, maxLength: 200_000, &rng)
         }
         let view = big ? try VMDKPeer.ourRaw(img, dir) : try VMDKPeer.writeModel(model, dir)
         try img.close()
@@ -334,14 +314,14 @@ struct VMDKTests {
         var a = [UInt8](repeating: 0, count: size)
         for _ in 0..<5 {
             let n = Int.random(in: 1...150_000, using: &rng), o = Int.random(in: 0...(size - n), using: &rng)
-            a.replaceSubrange(o..<(o + n), with: VMDKPeer.randomBytes(n, &rng))
+            a.replaceSubrange(o..<(o + n), with: randomBytes(n, &rng))
         }
         var b = a
         for _ in 0..<6 {
             let n = Int.random(in: 1...100_000, using: &rng), o = Int.random(in: 0...(size - n), using: &rng)
             b.replaceSubrange(o..<(o + n), with: step(n, &rng))
         }
-        func step(_ n: Int, _ r: inout SplitMix) -> [UInt8] { Bool.random(using: &r) ? [UInt8](repeating: 0, count: n) : VMDKPeer.randomBytes(n, &r) }
+        func step(_ n: Int, _ r: inout SplitMix) -> [UInt8] { Bool.random(using: &r) ? [UInt8](repeating: 0, count: n) : randomBytes(n, &r) }
         let rawA = try VMDKPeer.writeModel(a, dir), rawB = try VMDKPeer.writeModel(b, dir)
         let path = dir.file("stream.vmdk")
         try VMDKPeer.create(path, size: UInt64(size), options: [("subformat", "streamOptimized")])
@@ -375,7 +355,7 @@ struct VMDKTests {
         var rng = SplitMix(state: 8)
         let size = 3 << 20
         var src = [UInt8](repeating: 0, count: size)
-        src.replaceSubrange(100_000..<900_000, with: VMDKPeer.randomBytes(800_000, &rng))
+        src.replaceSubrange(100_000..<900_000, with: randomBytes(800_000, &rng))
         src.replaceSubrange((size - 4096)..<size, with: [UInt8](repeating: 0x33, count: 4096))
         let raw = try VMDKPeer.writeModel(src, dir)
         let path = dir.file("out.vmdk")
@@ -400,7 +380,7 @@ struct VMDKTests {
         try VMDKPeer.create(parentPath, size: UInt64(size))
         var parentView = [UInt8](repeating: 0, count: size)
         let p = try openRW(parentPath)
-        try VMDKPeer.randomWrites(p, &parentView, count: 10, maxLength: 300_000, &rng)
+        try randomWrites(p, &parentView, count: 10, maxLength: 300_000, &rng)
         try p.close()
         let parentFile = try readFile(parentPath)
         let child = dir.file("child.vmdk")
@@ -414,7 +394,7 @@ struct VMDKTests {
             let off = Int.random(in: 0...(size - len), using: &rng)
             switch step % 6 {
             case 0...2:
-                let data = VMDKPeer.randomBytes(len, &rng)
+                let data = randomBytes(len, &rng)
                 try img.write(data, at: UInt64(off))
                 model.replaceSubrange(off..<(off + len), with: data)
             case 3:
@@ -453,7 +433,7 @@ struct VMDKTests {
     func customDescriptor() throws {
         let dir = TempDir()
         var rng = SplitMix(state: 31)
-        let a = VMDKPeer.randomBytes(3 * 65536, &rng), b = VMDKPeer.randomBytes(65536, &rng)
+        let a = randomBytes(3 * 65536, &rng), b = randomBytes(65536, &rng)
         try Data([UInt8](repeating: 0xee, count: 1024) + a).write(to: URL(fileURLWithPath: dir.file("a.bin")))
         try Data(b).write(to: URL(fileURLWithPath: dir.file("b bin.raw")))
         let text = "# Disk DescriptorFile\nversion=1\nCID=1234\nparentCID=ffffffff\ncreateType=\"custom\"\n"
@@ -545,7 +525,7 @@ struct VMDKTests {
         let size = 2 << 20
         try VMDKPeer.create(path, size: UInt64(size), options: [("zeroed_grain", "on")])
         var rng = SplitMix(state: 3)
-        var model = VMDKPeer.randomBytes(size, &rng)
+        var model = randomBytes(size, &rng)
         let img = try openRW(path)
         try img.write(model, at: 0)
         try img.writeZeroes(at: 65536, length: 3 * 65536 + 100, mayUnmap: false)
