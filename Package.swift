@@ -42,6 +42,7 @@ let package = Package(
             name: "NBDServer",
             dependencies: [
                 "VirtualDisk",
+                "CVloop",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#include <sys/resource.h>
 
 int vl_ofd_lock(int fd, int64_t start, int64_t len, int exclusive, int unlock) {
     struct flock fl;
@@ -112,4 +113,10 @@ long vl_zstd_compress(const void *src, size_t src_len, void *dst, size_t dst_cap
     size_t r = ZSTD_compress(dst, dst_cap, src, src_len, level);
     if (ZSTD_isError(r)) return 0;
     return (long)r;
+}
+
+long vl_thread_voluntary_switches(void) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_THREAD, &ru) != 0) return 0;
+    return ru.ru_nvcsw;
 }

@@ -25,9 +25,10 @@ struct NBDServerShutdownEvent {}
 /// NIOSSL server handler goes in at the front of the pipeline (ahead of the decoder)
 /// and the handshake continues inside TLS.
 ///
-/// Fairness: at most `maxRunningPerConnection` of a connection's requests are on the
-/// shared pool at once; the rest wait in this connection's own queue, so one busy
-/// client cannot fill the pool's queue ahead of everyone else.
+/// Requests run through `NBDConnectionWork`: at most `maxRunningPerConnection` pool
+/// tasks per connection drain its requests in order, and finished replies are written
+/// in batches, so one busy client neither fills the pool's queue ahead of everyone
+/// else nor costs a thread wake-up per request.
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = NBDClientMessage
     typealias OutboundIn = Never
@@ -46,11 +47,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private var handshakeTimer: Scheduled<Void>?
 
-    /// Decoded requests not yet handed to the pool, with what they hold of the
-    /// connection's share (`cost`) and of the server's budget (`held`).
+    /// Decoded requests not yet handed to the pool (waiting for the server's memory
+    /// budget), with what they hold of the connection's share (`cost`) and of the
+    /// server's budget (`held`).
     private var queued = CircularBuffer<(request: NBDRequest, cost: Int, held: Int)>()
-    /// Requests on the pool now.
-    private var running = 0
+    /// Where requests go to run, from the transmission phase on.
+    private var work: NBDConnectionWork?
     /// Requests decoded and not yet answered, and the bytes they hold.
     private var inFlightCount = 0
     private var inFlightBytes = 0
@@ -80,6 +82,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         stopWaitingForBudget()
+        detachWork()
         self.context = nil
     }
 
@@ -109,8 +112,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         phase = .closed
         // Requests still on the pool finish on their own; their replies go nowhere.
         while let (_, cost, held) = queued.popFirst() { release(cost, held: held) }
+        detachWork()
         stopWaitingForBudget()
         context.fireChannelInactive()
+    }
+
+    /// Requests not yet run are dropped, finished replies not yet written are
+    /// discarded; what runs on finishes by itself (see `NBDConnectionWork.detach`).
+    private func detachWork() {
+        guard let work else { return }
+        self.work = nil
+        for job in work.detach() { release(job.cost, held: job.held) }
     }
 
     var peer: String {
@@ -247,6 +259,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 handshakeTimer = nil
                 let s = negotiation.session!
                 session = s
+                let loop = context.eventLoop
+                let bound = NIOLoopBound(self, eventLoop: loop)
+                work = NBDConnectionWork(session: s, core: core) { loop.execute { bound.value.workDone() } }
                 phase = .transmission(s)
                 core.log("client \(peer): connected to export '\(s.export.name)'")
             }
@@ -322,10 +337,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         startQueued()
     }
 
-    /// Hand queued requests to the pool, up to this connection's share of it.
+    /// Hand queued requests over to run, as far as the server's memory budget allows.
     private func startQueued() {
-        guard let session, let context else { return }
-        while running < core.configuration.maxRunningPerConnection, let next = queued.first {
+        guard let work else { return }
+        while let next = queued.first {
             // A read's buffer is allocated when it runs: take it from the budget first,
             // or wait (in order) for a release.
             let buffer = NBDCommands.bufferCost(next.request)
@@ -336,36 +351,36 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 heldBudget += buffer
             }
             let (r, cost, earlier) = queued.removeFirst()
-            let held = earlier + buffer
-            running += 1
-            let pool = core.bufferPool
-            let (type, cookie, flags) = (r.type, r.cookie, r.flags)
-            core.threadPool.runIfActive(eventLoop: context.eventLoop) {
-                NBDCommands.execute(r, session: session, pool: pool)
-            }.assumeIsolated().whenComplete { [self] result in
-                running -= 1
-                switch result {
-                case .success(let bytes):
-                    reply(bytes, cost: cost, held: held, recycle: type == NBD.cmdRead)
-                case .failure:
-                    // The pool stopped before running it: only during shutdown.
-                    let header = NBDRequest(flags: flags, type: type, cookie: cookie, offset: 0, length: 0)
-                    reply(NBDCommands.errorReply(header, session: session, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")),
-                          cost: cost, held: held)
-                }
-                startQueued()
-            }
+            work.submit(.init(request: r, cost: cost, held: earlier + buffer))
         }
     }
 
+    /// Replies have finished on the pool: write them all, then flush once.
+    private func workDone() {
+        guard let work, let session else { return }
+        for done in work.takeDone() {
+            let r = done.job.request
+            if let bytes = done.reply {
+                reply(bytes, cost: done.job.cost, held: done.job.held, recycle: r.type == NBD.cmdRead, flush: false)
+            } else {
+                // The pool stopped before running it: only during shutdown.
+                reply(NBDCommands.errorReply(r, session: session, error: NBDReplyError(NBD.ESHUTDOWN, "the server is shutting down")),
+                      cost: done.job.cost, held: done.job.held, flush: false)
+            }
+        }
+        context?.flush()
+    }
+
     /// Write a reply; when it has gone out (or failed to), release what the request held.
-    private func reply(_ bytes: ByteBuffer, cost: Int, held: Int, recycle: Bool = false) {
+    private func reply(_ bytes: ByteBuffer, cost: Int, held: Int, recycle: Bool = false, flush: Bool = true) {
         guard let context, context.channel.isActive else {
             release(cost, held: held)
             return
         }
         let pool = core.bufferPool
-        context.writeAndFlush(wrapOutboundOut(bytes)).assumeIsolated().whenComplete { [self] _ in
+        let written = context.write(wrapOutboundOut(bytes))
+        if flush { context.flush() }
+        written.assumeIsolated().whenComplete { [self] _ in
             if recycle { pool.recycle(bytes) }
             release(cost, held: held)
         }

@@ -20,7 +20,9 @@ public struct NBDServerConfiguration: Sendable {
     public var handshakeTimeout: Duration = .seconds(10)
     /// Requests one connection may have outstanding (decoded, not yet answered).
     public var maxRequestsInFlight = 64
-    /// Requests of one connection on the I/O pool at once: its fair share.
+    /// Pool threads one connection's requests may run on at once: its fair share. One
+    /// runs them while they do not block; more join while they do (disk I/O, flushes),
+    /// up to this many (see `NBDConnectionWork`).
     public var maxRunningPerConnection = 4
     /// Payload and read-buffer bytes one connection may hold before it stops reading
     /// (a request already read always runs, whatever its size).

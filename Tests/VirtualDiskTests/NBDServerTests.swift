@@ -382,6 +382,53 @@ struct NBDServerTests {
         try sh(["qemu-img", "check", "disk"], cwd: dir.path)
     }
 
+    @Test("reads that block on a slow disk run in parallel on one connection",
+          .enabled(if: haveSlowDiskTools))
+    func blockingReadsRunInParallel() throws {
+        // A disk whose every read takes 200 ms: nbdkit's delay filter behind nbdfuse,
+        // with nbdkit's log filter recording when each read starts and ends.
+        let dir = TempDir()
+        let mount = dir.file("mnt")
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let socket = dir.file("nbdkit.sock"), requests = dir.file("requests.log")
+        let nbdkit = try launchLogged("/usr/bin/env", ["nbdkit", "-f", "-U", socket, "--filter=log", "--filter=delay",
+                                                       "memory", "size=64M", "rdelay=200ms", "logfile=\(requests)"],
+                                      log: dir.file("nbdkit.out"))
+        defer { kill(nbdkit.processIdentifier, SIGKILL); nbdkit.waitUntilExit() }
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: socket) && waited < 500 { usleep(20_000); waited += 1 }
+        let fuse = try launchLogged("/usr/bin/env", ["nbdfuse", "-r", mount, "nbd+unix:///?socket=\(socket)"], log: dir.file("nbdfuse.out"))
+        defer { _ = try? sh(["fusermount3", "-u", mount], check: false); fuse.waitUntilExit() }
+        let disk = mount + "/nbd"
+        waited = 0
+        while !FileManager.default.fileExists(atPath: disk) && waited < 500 { usleep(20_000); waited += 1 }
+        try #require(FileManager.default.fileExists(atPath: disk), "nbdfuse did not mount: \((try? String(contentsOfFile: dir.file("nbdfuse.out"), encoding: .utf8)) ?? "")")
+
+        let server = try ServeProcess.start(["-r", "-f", "raw", disk], in: dir)
+        let c = try RawNBDClient(port: server.port, receiveTimeout: 60)
+        try c.handshake(export: "nbd", structured: false)
+        let count = 16
+        for i in 0..<count { c.sendRequest(type: NBD.cmdRead, cookie: UInt64(i), offset: UInt64(i) << 22, length: 4096) }
+        var seen = Set<UInt64>()
+        for _ in 0..<count {
+            let r = try c.simpleReply()
+            let data = try c.receive(4096)
+            #expect(r.error == 0 && data.allSatisfy { $0 == 0 })
+            seen.insert(r.cookie)
+        }
+        #expect(seen.count == count)
+        c.sendRequest(type: NBD.cmdDisc, cookie: 0, offset: 0, length: 0)
+        #expect(try server.stop() == 0, "server log: \(server.log)")
+
+        // Reads the disk had under way at once, from the log's start and end lines.
+        var running = 0, most = 0, started = 0
+        for line in try String(contentsOfFile: requests, encoding: .utf8).split(separator: "\n") {
+            if line.contains("...Read id=") { running -= 1 } else if line.contains(" Read id=") { running += 1; started += 1; most = max(most, running) }
+        }
+        #expect(started >= count)
+        #expect(most >= 2, "the disk only ever saw \(most) read at a time from a client with \(count) in flight")
+    }
+
     @Test("-e caps connections; later clients get in once others leave")
     func connectionCap() throws {
         let dir = TempDir()

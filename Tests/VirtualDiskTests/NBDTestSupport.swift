@@ -25,6 +25,11 @@ let haveNBDTools = ["nbdinfo", "nbdcopy", "qemu-img", "qemu-io"].allSatisfy { to
 }
 let haveFio = (try? sh(["sh", "-c", "command -v fio && fio --enghelp 2>&1 | grep -qw nbd"], check: false).status) == 0
 
+/// nbdkit (delay and log filters) and nbdfuse: a disk that is slow on purpose.
+let haveSlowDiskTools = ["nbdkit", "nbdfuse", "fusermount3"].allSatisfy { tool in
+    (try? sh(["sh", "-c", "command -v \(tool)"], check: false).status) == 0
+}
+
 /// A TCP port that was free a moment ago (the kernel's pick for port 0).
 func freeTCPPort() throws -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

@@ -27,4 +27,7 @@ long vl_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len);
 long vl_deflate_raw(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
 long vl_zstd_decompress_stream(const void *src, size_t src_len, void *dst, size_t dst_len);
 long vl_zstd_compress(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
+
+/* Voluntary context switches of the calling thread so far (it blocked: I/O, a lock). */
+long vl_thread_voluntary_switches(void);
 #endif
