@@ -120,3 +120,12 @@ long vl_thread_voluntary_switches(void) {
     if (getrusage(RUSAGE_THREAD, &ru) != 0) return 0;
     return ru.ru_nvcsw;
 }
+
+int vl_rwlock_init_prefer_writer(pthread_rwlock_t *lock) {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int r = pthread_rwlock_init(lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    return r;
+}

@@ -30,6 +30,72 @@ let haveSlowDiskTools = ["nbdkit", "nbdfuse", "fusermount3"].allSatisfy { tool i
     (try? sh(["sh", "-c", "command -v \(tool)"], check: false).status) == 0
 }
 
+/// A disk whose every read takes 200 ms: an nbdkit plugin behind its delay filter,
+/// seen as a file through nbdfuse, with nbdkit's log filter recording when each read
+/// starts and ends. Torn down when released.
+final class SlowDisk {
+    let path: String
+    let log: String
+    private let nbdkit: Process
+    private let fuse: Process
+    private let mount: String
+
+    init(in dir: TempDir, plugin: [String]) throws {
+        mount = dir.file("slow-mnt")
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let socket = dir.file("slow.sock")
+        log = dir.file("slow-requests.log")
+        nbdkit = try launchLogged("/usr/bin/env", ["nbdkit", "-f", "-U", socket, "--filter=log", "--filter=delay"] + plugin
+                                  + ["rdelay=200ms", "logfile=\(log)"], log: dir.file("nbdkit.out"))
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: socket) && waited < 500 { usleep(20_000); waited += 1 }
+        fuse = try launchLogged("/usr/bin/env", ["nbdfuse", "-r", mount, "nbd+unix:///?socket=\(socket)"], log: dir.file("nbdfuse.out"))
+        path = mount + "/nbd"
+        waited = 0
+        while !FileManager.default.fileExists(atPath: path) && waited < 500 { usleep(20_000); waited += 1 }
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw TestFailure("nbdfuse did not mount: \((try? String(contentsOfFile: dir.file("nbdfuse.out"), encoding: .utf8)) ?? "")")
+        }
+    }
+
+    deinit {
+        _ = try? sh(["fusermount3", "-u", mount], check: false)
+        fuse.waitUntilExit()
+        // nbdkit runs with the signal mask it inherited, so SIGTERM may not reach it.
+        kill(nbdkit.processIdentifier, SIGKILL)
+        nbdkit.waitUntilExit()
+    }
+
+    struct Read { let offset: UInt64; let count: UInt64; let start: Int; let end: Int }
+
+    /// Every read the disk served, with the log line numbers it started and ended at.
+    func reads() throws -> [Read] {
+        var open: [String: (UInt64, UInt64, Int)] = [:]
+        var out: [Read] = []
+        func field(_ line: Substring, _ name: String) -> String? {
+            line.split(separator: " ").first { $0.hasPrefix(name + "=") }.map { String($0.dropFirst(name.count + 1)) }
+        }
+        for (n, line) in try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").enumerated() {
+            guard let conn = field(line, "connection"), let id = field(line, "id") else { continue }
+            if line.contains("...Read id=") {
+                if let (o, c, s) = open.removeValue(forKey: conn + "/" + id) { out.append(Read(offset: o, count: c, start: s, end: n)) }
+            } else if line.contains(" Read id="), let o = field(line, "offset"), let c = field(line, "count"),
+                      let offset = UInt64(o.dropFirst(2), radix: 16), let count = UInt64(c.dropFirst(2), radix: 16) {
+                open[conn + "/" + id] = (offset, count, n)
+            }
+        }
+        return out
+    }
+
+    /// The most of `reads` that were under way at one time.
+    static func mostAtOnce(_ reads: [Read]) -> Int {
+        let events = reads.flatMap { [($0.start, 1), ($0.end, -1)] }.sorted { $0.0 < $1.0 }
+        var now = 0, most = 0
+        for (_, d) in events { now += d; most = max(most, now) }
+        return most
+    }
+}
+
 /// A TCP port that was free a moment ago (the kernel's pick for port 0).
 func freeTCPPort() throws -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

@@ -2,6 +2,7 @@
 #define CVLOOP_H
 #include <stdint.h>
 #include <sys/types.h>
+#include <pthread.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -27,6 +28,10 @@ long vl_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len);
 long vl_deflate_raw(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
 long vl_zstd_decompress_stream(const void *src, size_t src_len, void *dst, size_t dst_len);
 long vl_zstd_compress(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
+
+/* A reader-writer lock on which a waiting writer holds off new readers (glibc's
+   PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP): readers must not nest. */
+int vl_rwlock_init_prefer_writer(pthread_rwlock_t *lock);
 
 /* Voluntary context switches of the calling thread so far (it blocked: I/O, a lock). */
 long vl_thread_voluntary_switches(void);

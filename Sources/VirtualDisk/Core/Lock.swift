@@ -1,3 +1,4 @@
+import CVloop
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -21,6 +22,44 @@ final class Lock: @unchecked Sendable {
     func run<R>(_ body: () throws -> R) rethrows -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
+/// The lock of a format layer's metadata (its header fields and, through the cache, its
+/// tables). Lookups that only read it (`read`: `map`, finding where an in-place write
+/// goes) share it, so a lookup whose table page must come from disk holds up no other
+/// lookup; anything that changes metadata holds it alone (`run`). A waiting change
+/// holds off new lookups, so a stream of reads cannot starve an allocation.
+///
+/// Not re-entrant in either mode: a `read` inside a `read` can deadlock behind a
+/// waiting `run`.
+final class MetadataLock: @unchecked Sendable {
+    // Safe: the pthread_rwlock_t lives at a stable heap address for the object's life.
+    private let lock: UnsafeMutablePointer<pthread_rwlock_t>
+
+    init() {
+        lock = .allocate(capacity: 1)
+        vl_rwlock_init_prefer_writer(lock)
+    }
+
+    deinit {
+        pthread_rwlock_destroy(lock)
+        lock.deallocate()
+    }
+
+    /// Hold the lock alone: for anything that changes the layer's state.
+    func run<R>(_ body: () throws -> R) rethrows -> R {
+        pthread_rwlock_wrlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+
+    /// Share the lock with other lookups: `body` must change nothing (cache pages it
+    /// loads are the cache's business, which is thread-safe).
+    func read<R>(_ body: () throws -> R) rethrows -> R {
+        pthread_rwlock_rdlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
         return try body()
     }
 }

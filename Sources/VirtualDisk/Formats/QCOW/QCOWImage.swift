@@ -32,7 +32,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     let cache: MetadataCache
     let owner = MetadataCache.newOwner()
     let writable: Bool
-    let lock = Lock()
+    let lock = MetadataLock()
     let allocLock = Lock()
 
     /// First byte past everything allocated (on disk or as a dirty page): new L2 tables
@@ -183,7 +183,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(at: offset, length: length) }
+        try lock.read { try mapLocked(at: offset, length: length) }
     }
 
     private func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {

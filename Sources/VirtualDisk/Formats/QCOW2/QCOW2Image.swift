@@ -25,7 +25,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     let cache: MetadataCache
     let owner = MetadataCache.newOwner()
     let writable: Bool
-    let lock = Lock()
+    let lock = MetadataLock()
     let allocLock = Lock()
 
     var header: QCOW2Header
@@ -200,7 +200,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
+        try lock.read { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
     }
 
     func mapLocked(l1: UInt64, at offset: UInt64, length: UInt64) throws -> [LayerRun] {

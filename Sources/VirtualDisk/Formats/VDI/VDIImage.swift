@@ -40,7 +40,7 @@ public final class VDILayer: FormatLayer, @unchecked Sendable {
     let cache: MetadataCache
     let owner = MetadataCache.newOwner()
     let writable: Bool
-    let lock = Lock()
+    let lock = MetadataLock()
     let allocLock = Lock()
 
     var header: VDIHeader
@@ -240,7 +240,7 @@ public final class VDILayer: FormatLayer, @unchecked Sendable {
     // MARK: mapping
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(at: offset, length: length) }
+        try lock.read { try mapLocked(at: offset, length: length) }
     }
 
     func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {

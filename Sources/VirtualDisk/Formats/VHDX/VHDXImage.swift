@@ -50,7 +50,7 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
     let cache: MetadataCache
     let owner = MetadataCache.newOwner()
     let writable: Bool
-    let lock = Lock()
+    let lock = MetadataLock()
     let allocLock = Lock()
     /// The replayed log of a read-only open (nil when there was none, or when the log
     /// was replayed into the file).
@@ -292,7 +292,7 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
     // MARK: mapping
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(at: offset, length: length) }
+        try lock.read { try mapLocked(at: offset, length: length) }
     }
 
     func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
