@@ -1,4 +1,3 @@
-import CVloop
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -34,32 +33,17 @@ final class Lock: @unchecked Sendable {
 ///
 /// Not re-entrant in either mode: a `read` inside a `read` can deadlock behind a
 /// waiting `run`.
-final class MetadataLock: @unchecked Sendable {
-    // Safe: the pthread_rwlock_t lives at a stable heap address for the object's life.
-    private let lock: UnsafeMutablePointer<pthread_rwlock_t>
-
-    init() {
-        lock = .allocate(capacity: 1)
-        vl_rwlock_init_prefer_writer(lock)
-    }
-
-    deinit {
-        pthread_rwlock_destroy(lock)
-        lock.deallocate()
-    }
+final class MetadataLock: Sendable {
+    private let lock = RWLock(preferWriters: true)
 
     /// Hold the lock alone: for anything that changes the layer's state.
     func run<R>(_ body: () throws -> R) rethrows -> R {
-        pthread_rwlock_wrlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body()
+        try lock.exclusive(body)
     }
 
     /// Share the lock with other lookups: `body` must change nothing (cache pages it
     /// loads are the cache's business, which is thread-safe).
     func read<R>(_ body: () throws -> R) rethrows -> R {
-        pthread_rwlock_rdlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body()
+        try lock.shared(body)
     }
 }

@@ -1,3 +1,4 @@
+import CVloop
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -9,9 +10,15 @@ final class RWLock: @unchecked Sendable {
     // and pthread makes it thread-safe.
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
-    init() {
+    /// With `preferWriters`, a waiting writer holds off new readers (so readers must
+    /// not nest: a second `shared` on one thread can deadlock behind a waiting writer).
+    init(preferWriters: Bool = false) {
         lock = .allocate(capacity: 1)
-        pthread_rwlock_init(lock, nil)
+        if preferWriters {
+            vl_rwlock_init_prefer_writer(lock)
+        } else {
+            pthread_rwlock_init(lock, nil)
+        }
     }
 
     deinit {
