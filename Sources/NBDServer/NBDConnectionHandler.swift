@@ -261,7 +261,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 session = s
                 let loop = context.eventLoop
                 let bound = NIOLoopBound(self, eventLoop: loop)
-                work = NBDConnectionWork(session: s, core: core) { loop.execute { bound.value.workDone() } }
+                work = NBDConnectionWork(session: s, core: core, loop: loop) { loop.execute { bound.value.workDone() } }
                 phase = .transmission(s)
                 core.log("client \(peer): connected to export '\(s.export.name)'")
             }

@@ -13,10 +13,13 @@ import CVloop
 /// taken twice.
 ///
 /// One drainer is fastest while requests are served from memory (the page cache, the
-/// metadata cache): more would only take turns on the cores. A request that blocks
-/// (the thread sleeps: a disk read, a flush, a lock) while others wait starts another
-/// drainer, up to `maxDrainers`, so a disk sees the connection's requests in parallel;
-/// drainers end when the queue is empty.
+/// metadata cache): more would only take turns on the cores. Another drainer starts,
+/// up to `maxDrainers`, while requests wait and the running ones block: when a request
+/// slept (a disk read, a lock) as it ran, or when no request has finished for
+/// `stuckAfter` (a flush on a slow disk, a long read), which a watch on the event loop
+/// checks for as long as requests wait. So a disk sees the connection's requests in
+/// parallel and one slow request does not hold up the rest. Drainers end when the
+/// queue is empty.
 ///
 /// Fairness: a drainer that has run `turn` requests goes to the back of the pool's
 /// queue, so a busy connection shares the pool with the others.
@@ -46,6 +49,10 @@ final class NBDConnectionWork: Sendable {
         var wakeScheduled = false
         /// Runs on the event loop to take `done`; nil once detached.
         var wake: (@Sendable () -> Void)?
+        /// Requests run so far (the watch's sign of progress).
+        var completed: UInt64 = 0
+        /// A watch is scheduled.
+        var watching = false
     }
 
     private let state: Mutex<State>
@@ -55,9 +62,12 @@ final class NBDConnectionWork: Sendable {
     private let budget: NBDMemoryBudget
     private let maxDrainers: Int
     private let turn = 32
+    private let loop: EventLoop
+    private let stuckAfter = TimeAmount.milliseconds(2)
 
-    init(session: NBDSession, core: NBDServerCore, wake: @escaping @Sendable () -> Void) {
+    init(session: NBDSession, core: NBDServerCore, loop: EventLoop, wake: @escaping @Sendable () -> Void) {
         self.state = Mutex(State(wake: wake))
+        self.loop = loop
         self.session = session
         self.pool = core.threadPool
         self.buffers = core.bufferPool
@@ -67,13 +77,39 @@ final class NBDConnectionWork: Sendable {
 
     /// Queue a request to run (event loop).
     func submit(_ job: Job) {
-        let start = state.withLock { s -> Bool in
+        let (start, watchFrom) = state.withLock { s -> (Bool, UInt64?) in
             s.pending.append(job)
-            guard s.drainers == 0 else { return false }
-            s.drainers = 1
-            return true
+            if s.drainers == 0 {
+                s.drainers = 1
+                return (true, nil)
+            }
+            // Requests wait behind busy drainers: see that they make progress.
+            guard !s.watching else { return (false, nil) }
+            s.watching = true
+            return (false, s.completed)
         }
         if start { pool.submit { self.drain($0) } }
+        if let watchFrom { watch(since: watchFrom) }
+    }
+
+    /// In `stuckAfter`: if requests still wait and none has finished since `seen`, the
+    /// drainers are stuck in slow requests; start another. Watches on while any wait.
+    private func watch(since seen: UInt64) {
+        loop.scheduleTask(in: stuckAfter) { [self] in
+            let (start, next) = state.withLock { s -> (Bool, UInt64?) in
+                guard !s.pending.isEmpty, s.wake != nil else {
+                    s.watching = false
+                    return (false, nil)
+                }
+                if s.completed == seen && s.drainers < maxDrainers {
+                    s.drainers += 1
+                    return (true, s.completed)
+                }
+                return (false, s.completed)
+            }
+            if start { pool.submit { self.drain($0) } }
+            if let next { watch(since: next) }
+        }
     }
 
     /// Replies finished since the last call (event loop, when woken).
@@ -129,6 +165,7 @@ final class NBDConnectionWork: Sendable {
             }
             enum Outcome { case queued, wake(@Sendable () -> Void), detached }
             let outcome: Outcome = state.withLock { s in
+                s.completed &+= 1
                 guard let wake = s.wake else { return .detached }
                 s.done.append(Done(job: job, reply: reply))
                 if s.wakeScheduled { return .queued }

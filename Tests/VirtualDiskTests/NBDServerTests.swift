@@ -397,6 +397,11 @@ struct NBDServerTests {
         #expect(reads.count >= count)
         let most = SlowDisk.mostAtOnce(reads)
         #expect(most >= 2, "the disk only ever saw \(most) read at a time from a client with \(count) in flight")
+        // The first read's slowness held up no other: the second started before it ended.
+        let byStart = reads.sorted { $0.start < $1.start }
+        if byStart.count >= 2 {
+            #expect(byStart[1].start < byStart[0].end, "the second read reached the disk only after the first was done")
+        }
     }
 
     @Test("qcow2 table lookups that load from a slow disk do not wait for each other",

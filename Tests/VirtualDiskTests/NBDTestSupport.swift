@@ -30,9 +30,9 @@ let haveSlowDiskTools = ["nbdkit", "nbdfuse", "fusermount3"].allSatisfy { tool i
     (try? sh(["sh", "-c", "command -v \(tool)"], check: false).status) == 0
 }
 
-/// A disk whose every read takes 200 ms: an nbdkit plugin behind its delay filter,
-/// seen as a file through nbdfuse, with nbdkit's log filter recording when each read
-/// starts and ends. Torn down when released.
+/// A slow disk: an nbdkit plugin (with filters) seen as a file through nbdfuse, with
+/// nbdkit's log filter recording when each request starts and ends. Torn down when
+/// released.
 final class SlowDisk {
     let path: String
     let log: String
@@ -40,16 +40,22 @@ final class SlowDisk {
     private let fuse: Process
     private let mount: String
 
-    init(in dir: TempDir, plugin: [String]) throws {
+    /// Every read takes 200 ms (nbdkit's delay filter in front of `plugin`).
+    convenience init(in dir: TempDir, plugin: [String]) throws {
+        try self.init(in: dir, nbdkit: ["--filter=delay"] + plugin + ["rdelay=200ms"], readOnly: true)
+    }
+
+    init(in dir: TempDir, nbdkit arguments: [String], readOnly: Bool) throws {
         mount = dir.file("slow-mnt")
         try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
         let socket = dir.file("slow.sock")
         log = dir.file("slow-requests.log")
-        nbdkit = try launchLogged("/usr/bin/env", ["nbdkit", "-f", "-U", socket, "--filter=log", "--filter=delay"] + plugin
-                                  + ["rdelay=200ms", "logfile=\(log)"], log: dir.file("nbdkit.out"))
+        nbdkit = try launchLogged("/usr/bin/env", ["nbdkit", "-f", "-U", socket, "--filter=log"] + arguments + ["logfile=\(log)"],
+                                  log: dir.file("nbdkit.out"))
         var waited = 0
         while !FileManager.default.fileExists(atPath: socket) && waited < 500 { usleep(20_000); waited += 1 }
-        fuse = try launchLogged("/usr/bin/env", ["nbdfuse", "-r", mount, "nbd+unix:///?socket=\(socket)"], log: dir.file("nbdfuse.out"))
+        fuse = try launchLogged("/usr/bin/env", ["nbdfuse"] + (readOnly ? ["-r"] : []) + [mount, "nbd+unix:///?socket=\(socket)"],
+                                log: dir.file("nbdfuse.out"))
         path = mount + "/nbd"
         waited = 0
         while !FileManager.default.fileExists(atPath: path) && waited < 500 { usleep(20_000); waited += 1 }

@@ -46,4 +46,18 @@ final class MetadataLock: Sendable {
     func read<R>(_ body: () throws -> R) rethrows -> R {
         try lock.shared(body)
     }
+
+    /// The flush every format layer shares. With metadata to write (`dirty`, checked
+    /// under the lock), `locked` writes it back alone under the lock, in the order the
+    /// format needs, syncs included. Without, only data written in place waits for
+    /// stable storage: `sync` runs outside the lock, so lookups (and reads) go on while
+    /// the disk takes its time.
+    func flush(dirty: () -> Bool, locked: () throws -> Void, sync: () throws -> Void) throws {
+        let done = try run { () throws -> Bool in
+            guard dirty() else { return false }
+            try locked()
+            return true
+        }
+        if !done { try sync() }
+    }
 }

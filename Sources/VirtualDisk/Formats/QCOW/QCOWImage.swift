@@ -264,7 +264,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     // MARK: flush / close
 
     public func flush() throws {
-        try lock.run { try flushLocked() }
+        try lock.flush(dirty: { cache.hasDirtyPages(owner: owner) }, locked: flushLocked, sync: file.sync)
     }
 
     func flushLocked() throws {

@@ -302,7 +302,10 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     // MARK: flush / close
 
     public func flush() throws {
-        try lock.run { try flushLocked() }
+        try lock.flush(dirty: { cache.hasDirtyPages(owner: owner) || !pendingDecrements.isEmpty }, locked: flushLocked) {
+            if externalData { try dataFile.sync() }
+            try file.sync()
+        }
     }
 
     func flushLocked() throws {

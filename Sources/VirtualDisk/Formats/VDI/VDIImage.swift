@@ -273,7 +273,8 @@ public final class VDILayer: FormatLayer, @unchecked Sendable {
     }
 
     public func flush() throws {
-        try lock.run { try flushLocked() }
+        guard writable else { return }
+        try lock.flush(dirty: { headerDirty || cache.hasDirtyPages(owner: owner) }, locked: flushLocked, sync: file.sync)
     }
 
     /// Data, then the header (its count), then the map pages, a barrier before each.

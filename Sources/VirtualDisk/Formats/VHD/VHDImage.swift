@@ -383,7 +383,7 @@ public final class VHDLayer: FormatLayer, @unchecked Sendable {
     }
 
     public func flush() throws {
-        try lock.run { try flushLocked() }
+        try lock.flush(dirty: { type != .fixed && cache.hasDirtyPages(owner: owner) }, locked: flushLocked, sync: file.sync)
     }
 
     func flushLocked() throws {

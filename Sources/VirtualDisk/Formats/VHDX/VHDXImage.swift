@@ -380,7 +380,8 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
     // MARK: flush and the log
 
     public func flush() throws {
-        try lock.run { try flushLocked() }
+        guard writable else { return }
+        try lock.flush(dirty: { cache.hasDirtyPages(owner: owner) }, locked: flushLocked, sync: file.sync)
     }
 
     /// Commit dirty metadata pages: data first (a barrier), then the pages through the log.

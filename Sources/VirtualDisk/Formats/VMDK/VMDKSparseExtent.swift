@@ -423,6 +423,11 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
 
     func flush() throws {
         guard canWrite else { return }
+        // No grain tables or directories to write: only the sync, outside the locks
+        // (as `MetadataLock.flush`; compressed and stream layouts always go through
+        // `flushLocked`, which finishes their pending grain and tail).
+        let quiet = lock.run { !compressed && !streamLayout && ![ownerGT, ownerGD, ownerRGD].contains { cache.hasDirtyPages(owner: $0) } }
+        if quiet { return try sparseFile.sync() }
         try allocLock.run { try lock.run { try flushLocked() } }
     }
 
