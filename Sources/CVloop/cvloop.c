@@ -121,11 +121,11 @@ long vl_thread_voluntary_switches(void) {
     return ru.ru_nvcsw;
 }
 
-int vl_rwlock_init_prefer_writer(pthread_rwlock_t *lock) {
-    pthread_rwlockattr_t attr;
-    pthread_rwlockattr_init(&attr);
-    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    int r = pthread_rwlock_init(lock, &attr);
-    pthread_rwlockattr_destroy(&attr);
+int vl_mutex_init_adaptive(pthread_mutex_t *mutex) {
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+    int r = pthread_mutex_init(mutex, &attr);
+    pthread_mutexattr_destroy(&attr);
     return r;
 }

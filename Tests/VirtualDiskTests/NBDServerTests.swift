@@ -404,35 +404,6 @@ struct NBDServerTests {
         }
     }
 
-    @Test("qcow2 table lookups that load from a slow disk do not wait for each other",
-          .enabled(if: haveSlowDiskTools))
-    func tableLoadsRunInParallel() throws {
-        // 4 KiB clusters: every 2 MiB of the disk has its own L2 table, so reads 4 MiB
-        // apart each need a table that is not cached yet.
-        let dir = TempDir()
-        let image = dir.file("disk.qcow2")
-        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "64M"])
-        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 64M", image])
-        // Where the L2 tables are: the L1 table's entries (header bytes 36 and 40).
-        let bytes = try readFile(image)
-        func be(_ at: Int, _ n: Int) -> UInt64 { bytes[at..<(at + n)].reduce(0) { $0 << 8 | UInt64($1) } }
-        let l1Size = be(36, 4), l1Offset = Int(be(40, 8))
-        let tables = (0..<Int(l1Size)).map { be(l1Offset + 8 * $0, 8) & 0x00ff_ffff_ffff_fe00 }.filter { $0 != 0 }
-        try #require(tables.count == 32)
-
-        let disk = try SlowDisk(in: dir, plugin: ["file", "file=\(image)"])
-        let server = try ServeProcess.start(["-r", "-f", "qcow2", disk.path], in: dir)
-        let count = 16
-        try readConcurrently(server, export: "nbd", offsets: (0..<count).map { UInt64($0) << 22 }) { _, data in
-            #expect(data.allSatisfy { $0 == 0x6b })
-        }
-        #expect(try server.stop() == 0, "server log: \(server.log)")
-        let tableReads = try disk.reads().filter { r in tables.contains { $0 < r.offset + r.count && r.offset < $0 + 4096 } }
-        #expect(tableReads.count >= count, "\(tableReads.count) L2 table reads")
-        let most = SlowDisk.mostAtOnce(tableReads)
-        #expect(most >= 2, "L2 tables were loaded one at a time (\(most) at once) for a client with \(count) reads in flight")
-    }
-
     /// Send 4 KiB reads at `offsets` all at once on one connection, then check each reply.
     func readConcurrently(_ server: ServeProcess, export: String, offsets: [UInt64], check: (UInt64, [UInt8]) -> Void) throws {
         let c = try RawNBDClient(port: server.port, receiveTimeout: 60)

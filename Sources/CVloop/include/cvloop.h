@@ -29,9 +29,9 @@ long vl_deflate_raw(const void *src, size_t src_len, void *dst, size_t dst_cap, 
 long vl_zstd_decompress_stream(const void *src, size_t src_len, void *dst, size_t dst_len);
 long vl_zstd_compress(const void *src, size_t src_len, void *dst, size_t dst_cap, int level);
 
-/* A reader-writer lock on which a waiting writer holds off new readers (glibc's
-   PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP): readers must not nest. */
-int vl_rwlock_init_prefer_writer(pthread_rwlock_t *lock);
+/* A mutex that spins briefly before sleeping (PTHREAD_MUTEX_ADAPTIVE_NP): for locks
+   held for a few instructions by many threads. */
+int vl_mutex_init_adaptive(pthread_mutex_t *mutex);
 
 /* Voluntary context switches of the calling thread so far (it blocked: I/O, a lock). */
 long vl_thread_voluntary_switches(void);

@@ -5,13 +5,10 @@ import Synchronization
 ///
 /// Ownership and locking:
 /// - A page belongs to one owner (an open image layer). Its bytes are read and changed
-///   only by that owner, under the owner's `MetadataLock`: shared to read them (many
-///   lookups at once), alone to change them; the cache never touches them.
+///   only by that owner, under the owner's own lock; the cache never touches them.
 /// - The cache's lock guards only bookkeeping (the key map, the LRU list, pins, dirty
 ///   sets) and is never held across I/O: a miss loads the page without the lock, then
-///   inserts it (two lookups missing the same page both load it; the first inserted
-///   wins). Another image's metadata I/O therefore never blocks this one, and a lookup
-///   in the same image waits only for metadata changes, never for another lookup's I/O.
+///   inserts it. Another image's metadata I/O therefore never blocks this one.
 /// - Dirty pages are never evicted. The owner writes them back itself, in rank order
 ///   (`writeBack`), at flush or when `isOverBudget` says memory is tight. Rank encodes
 ///   the write-back order the format needs, e.g. for QCOW2: refcount blocks (0) before
@@ -79,11 +76,11 @@ public final class MetadataCache: Sendable {
         }
     }
 
-    private let state: Mutex<State>
+    private let state: Guarded<State>
     private static let nextOwner = Atomic<UInt64>(1)
 
     public init(budget: Int) {
-        state = Mutex(State(budget: max(budget, 64 << 10)))
+        state = Guarded(State(budget: max(budget, 64 << 10)))
     }
 
     /// A fresh owner id for an image layer.
@@ -113,8 +110,7 @@ public final class MetadataCache: Sendable {
     }
 
     /// Run `body` with the page at `offset` pinned, loading it with `load` on a miss.
-    /// The caller must hold its own lock (the owner's pages are its alone): shared when
-    /// `body` only reads the page, alone when it changes it.
+    /// The caller must hold its own lock (the owner's pages are its alone).
     public func withPage<R>(owner: UInt64, offset: UInt64, load: () throws -> [UInt8],
                             _ body: (Page) throws -> R) throws -> R {
         let key = Key(owner: owner, offset: offset)

@@ -1,4 +1,3 @@
-import CVloop
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,15 +9,9 @@ final class RWLock: @unchecked Sendable {
     // and pthread makes it thread-safe.
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
-    /// With `preferWriters`, a waiting writer holds off new readers (so readers must
-    /// not nest: a second `shared` on one thread can deadlock behind a waiting writer).
-    init(preferWriters: Bool = false) {
+    init() {
         lock = .allocate(capacity: 1)
-        if preferWriters {
-            vl_rwlock_init_prefer_writer(lock)
-        } else {
-            pthread_rwlock_init(lock, nil)
-        }
+        pthread_rwlock_init(lock, nil)
     }
 
     deinit {

@@ -183,7 +183,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.read { try mapLocked(at: offset, length: length) }
+        try lock.run { try mapLocked(at: offset, length: length) }
     }
 
     private func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {

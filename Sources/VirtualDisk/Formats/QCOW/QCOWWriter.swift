@@ -12,7 +12,7 @@ extension QCOWLayer {
         var pos = offset
         while pos < end {
             // Fast path: clusters already allocated, written in place with the lock released.
-            let direct = try lock.read { try directTargets(from: pos, to: end) }
+            let direct = try lock.run { try directTargets(from: pos, to: end) }
             for (guest, host, len) in direct {
                 let start = Int(guest - offset)
                 try file.write(UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(len))]), at: host)
@@ -31,7 +31,7 @@ extension QCOWLayer {
     }
 
     /// Contiguous host runs for the allocated, uncompressed clusters from `start`,
-    /// stopping at the first cluster that needs allocation. Runs under `lock`, shared.
+    /// stopping at the first cluster that needs allocation. Runs under `lock`.
     private func directTargets(from start: UInt64, to end: UInt64) throws -> [(guest: UInt64, host: UInt64, length: UInt64)] {
         var out: [(guest: UInt64, host: UInt64, length: UInt64)] = []
         var pos = start
@@ -60,11 +60,11 @@ extension QCOWLayer {
     private func writeAllocating(_ data: UnsafeRawBufferPointer, at pos: UInt64, below: BelowReader) throws {
         let c = pos / clusterSize
         let clusterStart = c * clusterSize
-        let e = try lock.read { try entry(guestCluster: c) }
+        let e = try lock.run { try entry(guestCluster: c) }
         if !e.isUnallocated && !e.isCompressed {
             // Another writer allocated it after our fast-path look: write in place.
             let host = e.hostOffset(header)
-            try lock.read { try checkData(host, e) }
+            try lock.run { try checkData(host, e) }
             try file.write(data, at: host + (pos - clusterStart))
             return
         }

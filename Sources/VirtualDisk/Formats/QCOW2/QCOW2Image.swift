@@ -200,7 +200,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.read { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
+        try lock.run { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
     }
 
     func mapLocked(l1: UInt64, at offset: UInt64, length: UInt64) throws -> [LayerRun] {

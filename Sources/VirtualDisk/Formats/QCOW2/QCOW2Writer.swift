@@ -9,7 +9,7 @@ extension QCOW2Layer {
         while pos < end {
             // Fast path: clusters already allocated here, owned alone (copied flag), and
             // every touched subcluster holding data — written in place, lock released.
-            let direct = try lock.read { try directTargets(from: pos, to: end) }
+            let direct = try lock.run { try directTargets(from: pos, to: end) }
             for (guest, host, len) in direct {
                 let start = Int(guest - offset)
                 try dataFile.write(UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(len))]), at: host)
@@ -110,7 +110,7 @@ extension QCOW2Layer {
             let sub = (pos - c * clusterSize) / unitSize
             let unitEnd = min(end, c * clusterSize + (sub + 1) * unitSize)
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(pos - offset)..<Int(unitEnd - offset)])
-            switch try lock.read({ try unitState(e, sub: sub) }) {
+            switch try lock.run({ try unitState(e, sub: sub) }) {
             case .data(let host):
                 let h = (externalData && header.dataFileRaw ? c * clusterSize + sub * unitSize : host)
                 try dataFile.read(into: part, at: h + (pos - c * clusterSize - sub * unitSize))
@@ -126,12 +126,11 @@ extension QCOW2Layer {
     }
 
     /// Write within one cluster where the fast path could not: allocate, or copy on write.
-    /// Runs under `allocLock`; `lock` is taken alone only around metadata changes (the
-    /// lookup shares it, so loading the L2 table holds up no reader).
+    /// Runs under `allocLock`; `lock` is taken only around metadata.
     private func writeAllocating(_ data: UnsafeRawBufferPointer, at pos: UInt64, below: BelowReader) throws {
         let c = pos / clusterSize
         let clusterStart = c * clusterSize
-        let e = try lock.read { try l2Entry(guestCluster: c) }
+        let e = try lock.run { try l2Entry(guestCluster: c) }
         // Allocated here and referenced only by the active tables (with an external data
         // file, host offsets equal guest offsets and the copied flag marks allocation).
         let ownsCluster = !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData)
