@@ -9,6 +9,27 @@ struct CLITests {
         try sh([vloopBinary] + args, cwd: cwd, check: false)
     }
 
+    @Test("sizes are read as qemu-img reads them: the same accepted, the same refused",
+          arguments: ["1048576", "1M", "1.5M", "0x100000", "0X10", "0x2M", " 4k", "4K", "2b", "5.", "5.M", "1.25k", "1.0001k",
+                      "3.000", "0", "1e6", "0x1p20", "1.5", "1.5b", ".5M", "0x", "1..5M", "1.5.M", "12abc", "", "k", "-1", "0x1.8M", "1 M"])
+    func sizesLikeQemu(_ text: String) throws {
+        let dir = TempDir()
+        let theirs = try sh(["qemu-img", "create", "-q", "-f", "raw", dir.file("q.raw"), text], check: false)
+        let ours = try? SizeParser.parse(text)
+        #expect((ours != nil) == (theirs.status == 0), "qemu-img: \(theirs.status == 0 ? "accepts" : "refuses"); vloop: \(ours.map { String($0) } ?? "refuses")")
+        if let ours, theirs.status == 0 {
+            // qemu-img create rounds a raw image's size up to whole sectors.
+            let size = try #require(FileManager.default.attributesOfItem(atPath: dir.file("q.raw"))[.size] as? NSNumber).uint64Value
+            #expect(size == (ours + 511) / 512 * 512)
+        }
+        if ours == nil {
+            let message = try vloop(["create", "-q", "-f", "raw", dir.file("v.raw"), text])
+            #expect(message.status != 0 && message.err.contains("size"))
+        }
+        #expect(throws: ImageError.self) { try SizeParser.parse("16E") }
+        #expect(try SizeParser.parse("7E") == 7 << 60 && (try SizeParser.parse("0xffffffffffffffff")) == UInt64.max)
+    }
+
     @Test("create, info, map, check and compare speak qemu-img's language")
     func basics() throws {
         let dir = TempDir()

@@ -1,34 +1,79 @@
 /// Parse sizes the way qemu-img does: a number with an optional k/K, M, G, T, P, E
 /// suffix (powers of 1024), or `b` for bytes.
 public enum SizeParser {
+    /// A size as qemu-img reads one: a decimal number (a fraction only with a multiplier
+    /// suffix, or one that is zero), or a hexadecimal integer (0x…), then an optional
+    /// suffix b, k, M, G, T, P or E (powers of 1024, any case). Exponents, hexadecimal
+    /// fractions, leading dots and trailing text are refused.
     public static func parse(_ text: String) throws -> UInt64 {
-        var s = text.trimmingWhitespace()
-        guard !s.isEmpty else { throw ImageError(.invalidArgument, "empty size") }
-        var shift: UInt64 = 0
-        if let last = s.last, last.isLetter {
-            switch last.lowercased() {
-            case "b": shift = 0
-            case "k": shift = 10
-            case "m": shift = 20
-            case "g": shift = 30
-            case "t": shift = 40
-            case "p": shift = 50
-            case "e": shift = 60
-            default: throw ImageError(.invalidArgument, "invalid size suffix in '\(text)' (use k, M, G, T, P or E)")
+        let s = Array(text.trimmingWhitespace().utf8)
+        func invalid(_ why: String) -> ImageError {
+            ImageError(.invalidArgument, "invalid size '\(text)': \(why); use a number with an optional k, M, G, T, P or E suffix (e.g. 512M, 1.5G)")
+        }
+        guard !s.isEmpty else { throw ImageError(.invalidArgument, "empty size; use a number with an optional k, M, G, T, P or E suffix (e.g. 512M, 1.5G)") }
+        func isDigit(_ c: UInt8) -> Bool { c >= 0x30 && c <= 0x39 }
+        func hexValue(_ c: UInt8) -> UInt64? {
+            switch c {
+            case 0x30...0x39: return UInt64(c - 0x30)
+            case 0x41...0x46: return UInt64(c - 0x41 + 10)
+            case 0x61...0x66: return UInt64(c - 0x61 + 10)
+            default: return nil
             }
-            s.removeLast()
         }
-        if let v = UInt64(s) {
-            let (r, o) = v.multipliedReportingOverflow(by: 1 << shift)
-            if o { throw ImageError(.invalidArgument, "size '\(text)' is too large") }
-            return r
+        var i = 0
+        var whole: UInt64 = 0
+        var fraction: [UInt8] = []
+        var hex = false
+        if s.count >= 2, s[0] == 0x30, s[1] | 0x20 == 0x78 {
+            hex = true
+            i = 2
+            let start = i
+            while i < s.count, let d = hexValue(s[i]) {
+                let (m, o1) = whole.multipliedReportingOverflow(by: 16)
+                let (v, o2) = m.addingReportingOverflow(d)
+                if o1 || o2 { throw ImageError(.invalidArgument, "size '\(text)' is too large") }
+                whole = v
+                i += 1
+            }
+            if i == start { throw invalid("no digits after 0x") }
+        } else {
+            let start = i
+            while i < s.count, isDigit(s[i]) {
+                let (m, o1) = whole.multipliedReportingOverflow(by: 10)
+                let (v, o2) = m.addingReportingOverflow(UInt64(s[i] - 0x30))
+                if o1 || o2 { throw ImageError(.invalidArgument, "size '\(text)' is too large") }
+                whole = v
+                i += 1
+            }
+            if i == start { throw invalid("it does not start with a digit") }
+            if i < s.count, s[i] == 0x2e {  // "."
+                i += 1
+                while i < s.count, isDigit(s[i]) { fraction.append(s[i]); i += 1 }
+            }
         }
-        if let d = Double(s), d >= 0, d.isFinite {
-            let v = d * Double(UInt64(1) << shift)
-            guard v < 1.8e19 else { throw ImageError(.invalidArgument, "size '\(text)' is too large") }
-            return UInt64(v)
+        var shift: UInt64 = 0
+        if i < s.count {
+            guard i == s.count - 1 else { throw invalid("unexpected '\(String(decoding: s[i...], as: UTF8.self))'") }
+            switch s[i] | 0x20 {
+            case 0x62: shift = 0   // b
+            case 0x6b: shift = 10  // k
+            case 0x6d: shift = 20  // m
+            case 0x67: shift = 30  // g
+            case 0x74: shift = 40  // t
+            case 0x70: shift = 50  // p
+            case 0x65: shift = 60  // e
+            default: throw invalid(hex ? "a hexadecimal size takes no fraction or exponent" : "unknown suffix '\(String(decoding: [s[i]], as: UTF8.self))'")
+            }
         }
-        throw ImageError(.invalidArgument, "invalid size '\(text)': use a number with an optional k, M, G, T suffix")
+        let (scaled, overflow) = whole.multipliedReportingOverflow(by: UInt64(1) << shift)
+        if overflow { throw ImageError(.invalidArgument, "size '\(text)' is too large") }
+        guard fraction.contains(where: { $0 != 0x30 }) else { return scaled }
+        if shift == 0 { throw invalid("a fraction of a byte") }
+        // The fraction's share of one unit, truncated to whole bytes.
+        let part = UInt64((Double("0." + String(decoding: fraction, as: UTF8.self)) ?? 0) * Double(UInt64(1) << shift))
+        let (total, o) = scaled.addingReportingOverflow(part)
+        if o { throw ImageError(.invalidArgument, "size '\(text)' is too large") }
+        return total
     }
 
     /// The size `resize` aims for: SIZE, +SIZE (grow by) or -SIZE (shrink by) from `current`.
