@@ -155,15 +155,26 @@ struct MapCommand: ParsableCommand {
     @Option(name: .short, help: "Image format.") var f: String?
     @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
     @Flag(name: [.customShort("U"), .customLong("force-share")]) var forceShare = false
+    @Option(name: [.customShort("s"), .customLong("start-offset")], help: "Map from this guest offset (e.g. 1G).") var startOffset: String?
+    @Option(name: [.customShort("l"), .customLong("max-length")], help: "Map at most this many bytes.") var maxLength: String?
     @OptionGroup var common: CommonOptions
     @Argument var image: String
+
+    func validate() throws {
+        for (name, value) in [("--start-offset", startOffset), ("--max-length", maxLength)] {
+            if let value, (try? SizeParser.parse(value)) == nil {
+                throw ValidationError("\(name) \(value) is not a size (e.g. 4096, 64k, 1G)")
+            }
+        }
+    }
 
     func run() throws {
         try Vloop.guarded {
             try common.apply()
             let img = try openImage(image, format: f, forceShare: forceShare)
             defer { try? img.close() }
-            let extents = try MapOperation.extents(img)
+            let extents = try MapOperation.extents(img, start: try startOffset.map(SizeParser.parse) ?? 0,
+                                                   length: try maxLength.map(SizeParser.parse))
             if output == "json" {
                 print(MapOperation.json(extents))
             } else {

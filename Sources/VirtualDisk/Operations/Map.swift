@@ -1,12 +1,18 @@
 /// `map`: the image's extents through the chain, in qemu-img map's shapes.
 public enum MapOperation {
-    public static func extents(_ image: DiskImage) throws -> [Extent] {
+    /// The extents of `start ..< start+length` (to the end of the image when `length` is
+    /// nil or runs past it), as `qemu-img map --start-offset --max-length` reports them;
+    /// none from the end of the image on.
+    public static func extents(_ image: DiskImage, start: UInt64 = 0, length: UInt64? = nil) throws -> [Extent] {
         var out: [Extent] = []
         let size = image.info.virtualSize
-        var pos: UInt64 = 0
+        // At or past the end there is nothing to map (qemu-img prints one empty entry).
+        guard start < size else { return [] }
+        let end = length.map { start + min($0, size - start) } ?? size
+        var pos = start
         let step: UInt64 = 1 << 30
-        while pos < size {
-            let len = min(step, size - pos)
+        while pos < end {
+            let len = min(step, end - pos)
             out += try image.extents(at: pos, length: len)
             pos += len
         }
