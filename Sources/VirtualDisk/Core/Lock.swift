@@ -32,10 +32,10 @@ final class Lock: @unchecked Sendable {
     }
 }
 
-/// State guarded by a plain pthread mutex. For hot locks held for a few instructions by
-/// many threads: a contended `Synchronization.Mutex` on Linux is a priority-inheritance
-/// futex, which goes through the kernel on every contended acquire and made concurrent
-/// metadata lookups several times slower than serialising them.
+/// State guarded by a spinning pthread mutex. For hot locks held for a few instructions
+/// by many threads: with the metadata cache behind a `Synchronization.Mutex`, concurrent
+/// lookups through `vloop attach` ran several times slower (8.6k against 63k random
+/// reads per second on vmdk) than with this lock.
 final class Guarded<State>: @unchecked Sendable {
     // Safe: `value` is only touched inside `withLock`, under `lock`.
     private var value: State
