@@ -118,6 +118,7 @@ for t in "${TARGETS[@]}"; do
     cp Tests/Fuzz/regressions/"$t"/* Tests/Fuzz/seeds/"$t"/* "$W/$t/seeds/" 2>/dev/null || true
   fi
   per=$((SECONDS_TOTAL / ${#TARGETS[@]}))
+  (( per > 0 )) || per=1  # libFuzzer reads -max_total_time=0 as no limit
   echo "fuzz: $t for ${per}s with $(ls "$W/$t/seeds" | wc -l) seeds"
   before=$(ls "$W/$t/crashes" | wc -l)
   VLOOP_FUZZ_TARGET=$t "$BIN" "$W/$t/corpus" "$W/$t/seeds" -max_total_time="$per" -max_len=$MAXLEN -rss_limit_mb=2048 \

@@ -21,6 +21,14 @@ final class NBDBufferPool: Sendable {
 
     /// An empty buffer of at least `capacity` bytes: the smallest free one that fits
     /// (and is not wastefully large), or a new one.
+    /// A pooled buffer holding exactly `payload`'s bytes: a write payload no longer pins
+    /// the (possibly much larger) receive buffer it was sliced from.
+    func copy(of payload: ByteBuffer) -> ByteBuffer {
+        var copy = take(capacity: payload.readableBytes)
+        copy.writeImmutableBuffer(payload)
+        return copy
+    }
+
     func take(capacity: Int) -> ByteBuffer {
         let largest = max(capacity * 4, 64 << 10)
         let reused: ByteBuffer? = free.withLock { state in

@@ -329,9 +329,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // whole buffer (which may have grown to the largest write seen) for as long
             // as the request is queued or running. A pooled copy of exactly its size
             // keeps the accounting honest.
-            var copy = core.bufferPool.take(capacity: payload.readableBytes)
-            copy.writeImmutableBuffer(payload)
-            r.payload = copy
+            r.payload = core.bufferPool.copy(of: payload)
         }
         queued.append((r, cost, held))
         startQueued()

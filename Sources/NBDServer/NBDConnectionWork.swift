@@ -9,13 +9,14 @@ import CVloop
 /// order and runs them one after another, without going back to the pool's queue for
 /// each. Finished replies collect in `done`, and the event loop is woken once for
 /// however many have collected (`takeDone`), so under load it writes and flushes them
-/// together. Per request there is then no thread wake-up on either side, only a lock
-/// taken twice.
+/// together. Per request there is then no thread wake-up on either side, only the
+/// work's lock taken three times (submit, take, finish).
 ///
 /// One drainer is fastest while requests are served from memory (the page cache, the
 /// metadata cache): more would only take turns on the cores. Another drainer starts,
 /// up to `maxDrainers`, while requests wait and the running ones block: when a request
-/// slept (a disk read, a lock) as it ran, or when no request has finished for
+/// slept (a disk read, a lock) as it ran (checked on every `sampleEvery`th request
+/// run while others wait: the check costs two system calls), or when no request has finished for
 /// `stuckAfter` (a flush on a slow disk, a long read), which a watch on the event loop
 /// checks for as long as requests wait. So a disk sees the connection's requests in
 /// parallel and one slow request does not hold up the rest. Drainers end when the
@@ -62,6 +63,7 @@ final class NBDConnectionWork: Sendable {
     private let budget: NBDMemoryBudget
     private let maxDrainers: Int
     private let turn = 32
+    private let sampleEvery = 4
     private let loop: EventLoop
     private let stuckAfter = TimeAmount.milliseconds(2)
 
@@ -84,11 +86,11 @@ final class NBDConnectionWork: Sendable {
                 return (true, nil)
             }
             // Requests wait behind busy drainers: see that they make progress.
-            guard !s.watching else { return (false, nil) }
+            guard !s.watching, s.drainers < maxDrainers else { return (false, nil) }
             s.watching = true
             return (false, s.completed)
         }
-        if start { pool.submit { self.drain($0) } }
+        if start { startDrainer() }
         if let watchFrom { watch(since: watchFrom) }
     }
 
@@ -97,17 +99,18 @@ final class NBDConnectionWork: Sendable {
     private func watch(since seen: UInt64) {
         loop.scheduleTask(in: stuckAfter) { [self] in
             let (start, next) = state.withLock { s -> (Bool, UInt64?) in
-                guard !s.pending.isEmpty, s.wake != nil else {
+                // Nothing waits, or no more drainers may start: stop watching.
+                guard !s.pending.isEmpty, s.wake != nil, s.drainers < maxDrainers else {
                     s.watching = false
                     return (false, nil)
                 }
-                if s.completed == seen && s.drainers < maxDrainers {
+                if s.completed == seen {
                     s.drainers += 1
                     return (true, s.completed)
                 }
                 return (false, s.completed)
             }
-            if start { pool.submit { self.drain($0) } }
+            if start { startDrainer() }
             if let next { watch(since: next) }
         }
     }
@@ -116,8 +119,9 @@ final class NBDConnectionWork: Sendable {
     func takeDone() -> [Done] {
         state.withLock { s in
             s.wakeScheduled = false
-            defer { s.done.removeAll(keepingCapacity: true) }
-            return s.done
+            let done = s.done
+            s.done = []
+            return done
         }
     }
 
@@ -125,13 +129,16 @@ final class NBDConnectionWork: Sendable {
     /// or finishes later, only gives back its memory. Returns the jobs it dropped, for
     /// the caller to release.
     func detach() -> [Job] {
-        state.withLock { s in
+        let (dropped, replies) = state.withLock { s in
             s.wake = nil
             var dropped = s.done.map(\.job)
-            s.done.removeAll()
+            let replies = s.done.compactMap { $0.job.request.type == NBD.cmdRead ? $0.reply : nil }
+            s.done = []
             while let j = s.pending.popFirst() { dropped.append(j) }
-            return dropped
+            return (dropped, replies)
         }
+        for r in replies { buffers.recycle(r) }
+        return dropped
     }
 
     /// The request just run blocked while others waited: another drainer, if allowed.
@@ -141,7 +148,12 @@ final class NBDConnectionWork: Sendable {
             s.drainers += 1
             return true
         }
-        if start { pool.submit { self.drain($0) } }
+        if start { startDrainer() }
+    }
+
+    /// Put a drainer (already counted in `drainers`) on the pool.
+    private func startDrainer() {
+        pool.submit { self.drain($0) }
     }
 
     private func drain(_ itemState: NIOThreadPool.WorkItemState) {
@@ -155,11 +167,12 @@ final class NBDConnectionWork: Sendable {
                 return (j, !s.pending.isEmpty && s.drainers < maxDrainers)
             }
             guard let (job, mayGrow) = next else { return }
+            let sample = mayGrow && ran % sampleEvery == 0
             let reply: ByteBuffer?
             if case .active = itemState {
-                let switches = mayGrow ? vl_thread_voluntary_switches() : 0
+                let switches = sample ? vl_thread_voluntary_switches() : 0
                 reply = NBDCommands.execute(job.request, session: session, pool: buffers)
-                if mayGrow, vl_thread_voluntary_switches() != switches { grow() }
+                if sample, vl_thread_voluntary_switches() != switches { grow() }
             } else {
                 reply = nil
             }
@@ -184,7 +197,7 @@ final class NBDConnectionWork: Sendable {
             ran += 1
             if ran == turn, case .active = itemState {
                 // Let other connections' work in; this drainer stays counted.
-                pool.submit { self.drain($0) }
+                startDrainer()
                 return
             }
         }

@@ -32,11 +32,7 @@ public enum NBDExercise {
                     _ = NBDCommands.errorReply(r, session: s, error: error)
                 } else {
                     var r = r
-                    if let payload = r.payload {
-                        var copy = pool.take(capacity: payload.readableBytes)
-                        copy.writeImmutableBuffer(payload)
-                        r.payload = copy
-                    }
+                    if let payload = r.payload { r.payload = pool.copy(of: payload) }
                     pool.recycle(NBDCommands.execute(r, session: s, pool: pool))
                 }
                 return messages < 2000

@@ -203,7 +203,7 @@ struct AttachTests {
         _ = try vloop(["create", "-q", "-f", "qcow2", "disk.qcow2", "64M"], cwd: dir.path)
         let dev = try vloop(["attach", "disk.qcow2"], cwd: dir.path)
         try sh(["sh", "-c", "head -c 8M /dev/urandom | dd of=\(dev) bs=1M oflag=direct conv=fsync status=none"])
-        let pid = try sh(["sh", "-c", "grep -l '\"\(dev.replacingOccurrences(of: "/", with: "\\\\/"))\"' /run/vloop/*/info.json | xargs grep '\"pid\"' | tr -dc 0-9"]).out
+        let pid = try attachDaemonPID(dev)
         #expect(!pid.isEmpty)
         // Kill it in the middle of a write stream.
         let writer = Process()

@@ -226,9 +226,7 @@ extension AttachTests {
             // other is killed right after.
             var found: [pid_t] = []
             for dev in devices {
-                let escaped = dev.replacingOccurrences(of: "/", with: "\\\\/")
-                let pid = try sh(["sh", "-c", "grep -l '\"\(escaped)\"' /run/vloop/*/info.json | xargs grep '\"pid\"' | tr -dc 0-9"],
-                                 timeout: 30).out
+                let pid = try attachDaemonPID(dev)
                 found.append(try #require(pid_t(pid), "no daemon pid for \(dev)"))
             }
             let pids = found

@@ -52,22 +52,47 @@ final class SlowDisk {
         log = dir.file("slow-requests.log")
         nbdkit = try launchLogged("/usr/bin/env", ["nbdkit", "-f", "-U", socket, "--filter=log"] + arguments + ["logfile=\(log)"],
                                   log: dir.file("nbdkit.out"))
+        let server = nbdkit
         var waited = 0
         while !FileManager.default.fileExists(atPath: socket) && waited < 500 { usleep(20_000); waited += 1 }
-        fuse = try launchLogged("/usr/bin/env", ["nbdfuse"] + (readOnly ? ["-r"] : []) + [mount, "nbd+unix:///?socket=\(socket)"],
-                                log: dir.file("nbdfuse.out"))
+        guard FileManager.default.fileExists(atPath: socket) else {
+            Self.stop(server)
+            throw TestFailure("nbdkit did not start: \((try? String(contentsOfFile: dir.file("nbdkit.out"), encoding: .utf8)) ?? "")")
+        }
+        do {
+            fuse = try launchLogged("/usr/bin/env", ["nbdfuse"] + (readOnly ? ["-r"] : []) + [mount, "nbd+unix:///?socket=\(socket)"],
+                                    log: dir.file("nbdfuse.out"))
+        } catch {
+            Self.stop(server)
+            throw error
+        }
         path = mount + "/nbd"
         waited = 0
         while !FileManager.default.fileExists(atPath: path) && waited < 500 { usleep(20_000); waited += 1 }
         guard FileManager.default.fileExists(atPath: path) else {
+            Self.unmount(mount, fuse)
+            Self.stop(server)
             throw TestFailure("nbdfuse did not mount: \((try? String(contentsOfFile: dir.file("nbdfuse.out"), encoding: .utf8)) ?? "")")
         }
     }
 
     deinit {
-        _ = try? sh(["fusermount3", "-u", mount], check: false)
+        Self.unmount(mount, fuse)
+        Self.stop(nbdkit)
+    }
+
+    /// Lazy unmount (a file still open on it does not keep it), then up to 10 s for
+    /// nbdfuse to go before it is killed.
+    private static func unmount(_ mount: String, _ fuse: Process) {
+        _ = try? sh(["fusermount3", "-u", "-z", mount], check: false)
+        var waited = 0
+        while fuse.isRunning && waited < 500 { usleep(20_000); waited += 1 }
+        if fuse.isRunning { kill(fuse.processIdentifier, SIGKILL) }
         fuse.waitUntilExit()
-        // nbdkit runs with the signal mask it inherited, so SIGTERM may not reach it.
+    }
+
+    /// nbdkit runs with the signal mask it inherited, so SIGTERM may not reach it.
+    private static func stop(_ nbdkit: Process) {
         kill(nbdkit.processIdentifier, SIGKILL)
         nbdkit.waitUntilExit()
     }

@@ -159,3 +159,9 @@ let vloopBinary: String = {
     let cwd = FileManager.default.currentDirectoryPath
     return cwd + "/.build/debug/vloop"
 }()
+
+/// The pid of the daemon serving an attached device, from its entry in /run/vloop ("" when none).
+func attachDaemonPID(_ dev: String) throws -> String {
+    let escaped = dev.replacingOccurrences(of: "/", with: "\\\\/")
+    return try sh(["sh", "-c", "grep -l '\"\(escaped)\"' /run/vloop/*/info.json | xargs grep '\"pid\"' | tr -dc 0-9"], timeout: 30).out
+}
