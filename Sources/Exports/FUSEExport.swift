@@ -96,9 +96,9 @@ public final class FUSEExport: @unchecked Sendable {
             st.st_ino = __ino_t(Self.fileInode)
             st.st_mode = S_IFREG | (readOnly ? 0o400 : 0o600)
             st.st_nlink = 1
-            st.st_size = off_t(image.info.virtualSize)
+            st.st_size = off_t(image.virtualSize)
             st.st_blksize = 4096
-            st.st_blocks = blkcnt_t((image.info.virtualSize + 511) / 512)
+            st.st_blocks = blkcnt_t((image.virtualSize + 511) / 512)
         default:
             return nil
         }

@@ -46,7 +46,7 @@ extension FUSEExport {
         }
         ops.read = { req, ino, size, off, _ in
             let export = FUSEExport.from(req)
-            let total = export.image.info.virtualSize
+            let total = export.image.virtualSize
             guard off >= 0, UInt64(off) < total else { fuse_reply_buf(req, nil, 0); return }
             let n = Int(min(UInt64(size), total - UInt64(off)))
             let buf = ReadBuffers.buffer(n)
@@ -61,7 +61,7 @@ extension FUSEExport {
         ops.write = { req, ino, data, size, off, _ in
             let export = FUSEExport.from(req)
             guard !export.readOnly else { fuse_reply_err(req, EROFS); return }
-            let total = export.image.info.virtualSize
+            let total = export.image.virtualSize
             guard off >= 0, UInt64(off) <= total else { fuse_reply_err(req, ENOSPC); return }
             let n = Int(min(UInt64(size), total - UInt64(off)))
             if n == 0 && size > 0 { fuse_reply_err(req, ENOSPC); return }
@@ -92,7 +92,7 @@ extension FUSEExport {
         ops.fallocate = { req, _, mode, off, length, _ in
             let export = FUSEExport.from(req)
             guard !export.readOnly else { fuse_reply_err(req, EROFS); return }
-            let total = export.image.info.virtualSize
+            let total = export.image.virtualSize
             guard off >= 0, length >= 0, UInt64(off) <= total else { fuse_reply_err(req, EINVAL); return }
             let len = min(UInt64(length), total - UInt64(off))
             do {
@@ -115,7 +115,7 @@ extension FUSEExport {
         }
         ops.lseek = { req, _, off, whence, _ in
             let export = FUSEExport.from(req)
-            let total = export.image.info.virtualSize
+            let total = export.image.virtualSize
             guard off >= 0, UInt64(off) < total else { fuse_reply_err(req, ENXIO); return }
             do {
                 let extents = try export.image.extents(at: UInt64(off), length: total - UInt64(off))

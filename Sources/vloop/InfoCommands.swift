@@ -133,7 +133,7 @@ struct Compare: ParsableCommand {
             defer { try? a.close() }
             let b = try openImage(second, format: F, forceShare: forceShare)
             defer { try? b.close() }
-            if a.info.virtualSize != b.info.virtualSize && !s {
+            if a.virtualSize != b.virtualSize && !s {
                 print("Warning: Image size mismatch!")
             }
             result = try CompareOperation.run(a, b, strict: s)

@@ -72,7 +72,7 @@ struct Convert: ParsableCommand {
             defer { try? src.close() }
             guard let outFormat = try parseFormat(O) else { return }
             if !n {
-                var r = CreateRequest(path: target, format: outFormat, size: src.info.virtualSize)
+                var r = CreateRequest(path: target, format: outFormat, size: src.virtualSize)
                 r.options = try o.flatMap(OptionList.parse)
                 r.backingFile = B
                 r.backingFormat = try parseFormat(F)
@@ -191,7 +191,7 @@ struct Resize: ParsableCommand {
             try common.apply()
             let img = try openImage(image, format: f, writable: true, noBacking: true)
             defer { try? img.close() }
-            let old = img.info.virtualSize
+            let old = img.virtualSize
             let newSize = try SizeParser.resizeTarget(size, current: old)
             try ResizeOperation.run(img, to: newSize, shrink: shrink)
             try img.close()

@@ -8,6 +8,9 @@ public final class LayeredImage: DiskImage {
     public let backingImage: DiskImage?
     private let ioLock = RWLock()
     private let closed = Atomic<Bool>(false)
+    /// The layer's virtual size, read on every request; `sizeChanged` after a resize or
+    /// a snapshot revert.
+    private let size: Atomic<UInt64>
     /// Extra cleanup when closing (image locks, backing handles).
     private let onClose: @Sendable () -> Void
 
@@ -15,9 +18,17 @@ public final class LayeredImage: DiskImage {
         self.layer = layer
         self.backingImage = backing
         self.onClose = onClose
+        self.size = Atomic(layer.layerInfo.virtualSize)
     }
 
     public var info: ImageInfo { layer.layerInfo }
+
+    public var virtualSize: UInt64 { size.load(ordering: .acquiring) }
+
+    /// The layer's size changed (resize, snapshot revert).
+    func sizeChanged() {
+        size.store(layer.layerInfo.virtualSize, ordering: .releasing)
+    }
 
     // MARK: read
 
@@ -66,7 +77,7 @@ public final class LayeredImage: DiskImage {
             buffer.initializeMemory(as: UInt8.self, repeating: 0)
             return
         }
-        let size = backing.info.virtualSize
+        let size = backing.virtualSize
         let inside = offset >= size ? 0 : Int(min(UInt64(buffer.count), size - offset))
         if inside > 0 {
             try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<inside]), at: offset)
@@ -90,7 +101,7 @@ public final class LayeredImage: DiskImage {
         if data.isEmpty { return }
         // Writing zeroes is zeroing: where nothing is allocated (and no backing file
         // shows through) it allocates nothing, in every format.
-        if data.count >= 512 && Self.isAllZero(data) {
+        if data.count >= 512 && ZeroScan.isAllZero(data) {
             try writeZeroes(at: offset, length: UInt64(data.count), mayUnmap: false)
             return
         }
@@ -128,17 +139,6 @@ public final class LayeredImage: DiskImage {
         }
     }
 
-    static func isAllZero(_ data: UnsafeRawBufferPointer) -> Bool {
-        var i = 0
-        let n = data.count
-        while i + 8 <= n {
-            if data.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
-            i += 8
-        }
-        while i < n { if data[i] != 0 { return false }; i += 1 }
-        return true
-    }
-
     // MARK: block status
 
     public func extents(at offset: UInt64, length: UInt64) throws -> [Extent] {
@@ -159,7 +159,7 @@ public final class LayeredImage: DiskImage {
                     out.append(Extent(offset: run.offset, length: run.length, kind: .unallocated))
                     continue
                 }
-                let size = backing.info.virtualSize
+                let size = backing.virtualSize
                 let insideEnd = min(run.end, max(size, run.offset))
                 if insideEnd > run.offset {
                     for e in try backing.extents(at: run.offset, length: insideEnd - run.offset) {

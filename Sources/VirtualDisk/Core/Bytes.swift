@@ -68,3 +68,17 @@ enum ZeroBuffer {
         return UnsafeRawBufferPointer(p)
     }()
 }
+
+/// Whether bytes are all zero: eight at a time, stopping at the first that is not.
+public enum ZeroScan {
+    public static func isAllZero(_ data: UnsafeRawBufferPointer) -> Bool {
+        var i = 0
+        let n = data.count
+        while i + 8 <= n {
+            if data.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+            i += 8
+        }
+        while i < n { if data[i] != 0 { return false }; i += 1 }
+        return true
+    }
+}

@@ -54,6 +54,9 @@ public struct ImageInfo: Sendable {
 /// offsets in bytes; lengths are bytes.
 public protocol DiskImage: AnyObject, Sendable {
     var info: ImageInfo { get }
+    /// The guest-visible size, cheap enough for every request (`info` gathers
+    /// everything `vloop info` shows).
+    var virtualSize: UInt64 { get }
     /// The image below this one, if it has a backing chain.
     var backingImage: DiskImage? { get }
 
@@ -90,8 +93,9 @@ extension DiskImage {
     /// Check that `offset ..< offset+length` lies inside the disk.
     func checkRange(_ offset: UInt64, _ length: UInt64) throws {
         let (end, overflow) = offset.addingReportingOverflow(length)
-        if overflow || end > info.virtualSize {
-            throw ImageError(.outOfRange, "request at \(offset)+\(length) is past the end of the disk (\(info.virtualSize) bytes)",
+        let size = virtualSize
+        if overflow || end > size {
+            throw ImageError(.outOfRange, "request at \(offset)+\(length) is past the end of the disk (\(size) bytes)",
                              path: info.path, offset: offset)
         }
     }

@@ -23,9 +23,9 @@ public enum CommitOperation {
         guard let layer = (top as? LayeredImage)?.layer else {
             throw ImageError(.unsupported, "cannot commit this image", path: top.info.path)
         }
-        let size = top.info.virtualSize
-        if base.info.virtualSize < size {
-            throw ImageError(.invalidArgument, "backing file is smaller (\(base.info.virtualSize) bytes) than the image (\(size)); resize it first with 'vloop resize'", path: base.info.path)
+        let size = top.virtualSize
+        if base.virtualSize < size {
+            throw ImageError(.invalidArgument, "backing file is smaller (\(base.virtualSize) bytes) than the image (\(size)); resize it first with 'vloop resize'", path: base.info.path)
         }
         let chunk: UInt64 = 2 << 20
         var buf = [UInt8](repeating: 0, count: Int(chunk))
@@ -67,7 +67,7 @@ public enum RebaseOperation {
         guard let layer = (top as? LayeredImage)?.layer as? BackingSettableLayer else {
             throw ImageError(.unsupported, "\(top.info.format) images cannot change their backing file", path: top.info.path)
         }
-        let size = top.info.virtualSize
+        let size = top.virtualSize
         let chunk: UInt64 = 1 << 20
         var old = [UInt8](repeating: 0, count: Int(chunk))
         var new = [UInt8](repeating: 0, count: Int(chunk))
@@ -81,8 +81,8 @@ public enum RebaseOperation {
                 try new.withUnsafeMutableBytes { b in
                     let part = UnsafeMutableRawBufferPointer(rebasing: b[0..<n])
                     part.initializeMemory(as: UInt8.self, repeating: 0)
-                    if let nb = newBacking, run.offset < nb.info.virtualSize {
-                        let inside = Int(min(run.length, nb.info.virtualSize - run.offset))
+                    if let nb = newBacking, run.offset < nb.virtualSize {
+                        let inside = Int(min(run.length, nb.virtualSize - run.offset))
                         try nb.read(into: UnsafeMutableRawBufferPointer(rebasing: part[0..<inside]), at: run.offset)
                     }
                 }
@@ -108,11 +108,12 @@ public enum ResizeOperation {
         guard let layer = (image as? LayeredImage)?.layer as? ResizableLayer else {
             throw ImageError(.unsupported, "\(image.info.format) images cannot be resized by this version of vloop", path: image.info.path)
         }
-        let old = image.info.virtualSize
+        let old = image.virtualSize
         if newSize < old && !shrink {
             throw ImageError(.invalidArgument, "shrinking loses data past the new end; add --shrink if that is intended", path: image.info.path)
         }
         try layer.resize(to: newSize, shrink: shrink)
+        (image as? LayeredImage)?.sizeChanged()
         // Bytes a shrink left in a partial last unit must not reappear on growth.
         let unit = max(image.info.clusterSize, 512)
         let tailEnd = min(newSize, old.alignedUp(unit))

@@ -9,7 +9,7 @@ public enum CompareOperation {
     /// Compare the common part; past it, the larger image must read as zeroes unless
     /// `strict`, where differing sizes are a mismatch (qemu-img compare -s).
     public static func run(_ a: DiskImage, _ b: DiskImage, strict: Bool) throws -> CompareResult {
-        let sa = a.info.virtualSize, sb = b.info.virtualSize
+        let sa = a.virtualSize, sb = b.virtualSize
         if strict && sa != sb { return .sizeMismatch }
         let common = min(sa, sb)
         let chunk: UInt64 = 1 << 20
@@ -32,8 +32,8 @@ public enum CompareOperation {
         }
         let larger = sa > sb ? a : b
         pos = common
-        while pos < larger.info.virtualSize {
-            let len = min(chunk, larger.info.virtualSize - pos)
+        while pos < larger.virtualSize {
+            let len = min(chunk, larger.virtualSize - pos)
             for e in try larger.extents(at: pos, length: len) where e.isData {
                 var buf = [UInt8](repeating: 0, count: Int(e.length))
                 try buf.withUnsafeMutableBytes { try larger.read(into: $0, at: e.offset) }

@@ -30,9 +30,9 @@ public struct ConvertOptions: Sendable {
 /// in the target, only ranges that differ from it are written.
 public enum ConvertOperation {
     public static func run(source: DiskImage, target: DiskImage, options: ConvertOptions) throws {
-        let size = source.info.virtualSize
-        guard target.info.virtualSize >= size else {
-            throw ImageError(.invalidArgument, "target is smaller (\(target.info.virtualSize) bytes) than the source (\(size) bytes)", path: target.info.path)
+        let size = source.virtualSize
+        guard target.virtualSize >= size else {
+            throw ImageError(.invalidArgument, "target is smaller (\(target.virtualSize) bytes) than the source (\(size) bytes)", path: target.info.path)
         }
         let compressor = options.compress ? ((target as? LayeredImage)?.layer as? CompressingLayer) : nil
         if options.compress && compressor == nil {
@@ -90,7 +90,7 @@ public enum ConvertOperation {
     private static func writeZeroRange(_ target: DiskImage, _ backing: DiskImage?, _ offset: UInt64, _ length: UInt64, _ base: inout [UInt8]) throws {
         if let backing {
             // Only where the backing file does not already read as zero.
-            let bExtents = try backing.extents(at: offset, length: min(length, backing.info.virtualSize > offset ? backing.info.virtualSize - offset : 0))
+            let bExtents = try backing.extents(at: offset, length: min(length, backing.virtualSize > offset ? backing.virtualSize - offset : 0))
             for b in bExtents where b.isData {
                 try target.writeZeroes(at: b.offset, length: b.length, mayUnmap: false)
             }
@@ -108,7 +108,7 @@ public enum ConvertOperation {
             let n = Int(length)
             try base.withUnsafeMutableBytes { b in
                 let part = UnsafeMutableRawBufferPointer(rebasing: b[start..<(start + n)])
-                let inside = offset >= backing.info.virtualSize ? 0 : Int(min(length, backing.info.virtualSize - offset))
+                let inside = offset >= backing.virtualSize ? 0 : Int(min(length, backing.virtualSize - offset))
                 if inside > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: part[0..<inside]), at: offset) }
                 if inside < n { UnsafeMutableRawBufferPointer(rebasing: part[inside...]).initializeMemory(as: UInt8.self, repeating: 0) }
             }

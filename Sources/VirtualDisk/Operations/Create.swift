@@ -40,7 +40,7 @@ public enum CreateOperation {
             if r.backingFormat == nil {
                 r.backingFormat = ImageFormat(name: backing.info.format)
             }
-            if size == nil { size = backing.info.virtualSize }
+            if size == nil { size = backing.virtualSize }
             try backing.close()
         }
         guard let size else {

@@ -5,7 +5,7 @@ public enum MapOperation {
     /// none from the end of the image on.
     public static func extents(_ image: DiskImage, start: UInt64 = 0, length: UInt64? = nil) throws -> [Extent] {
         var out: [Extent] = []
-        let size = image.info.virtualSize
+        let size = image.virtualSize
         // At or past the end there is nothing to map (qemu-img prints one empty entry).
         guard start < size else { return [] }
         let end = length.map { start + min($0, size - start) } ?? size

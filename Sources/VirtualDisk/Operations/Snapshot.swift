@@ -14,7 +14,10 @@ public enum SnapshotOperation {
     public static func list(_ image: DiskImage) throws -> [QCOW2Snapshot] { try layer(image).snapshots() }
 
     public static func create(_ image: DiskImage, name: String) throws { try layer(image).createSnapshot(name: name) }
-    public static func apply(_ image: DiskImage, name: String) throws { try layer(image).applySnapshot(name: name) }
+    public static func apply(_ image: DiskImage, name: String) throws {
+        try layer(image).applySnapshot(name: name)
+        (image as? LayeredImage)?.sizeChanged()
+    }
     public static func delete(_ image: DiskImage, name: String) throws { try layer(image).deleteSnapshot(name: name) }
 
     /// qemu-img's snapshot table.
