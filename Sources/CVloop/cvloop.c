@@ -6,6 +6,9 @@
 #include <unistd.h>
 #include <linux/falloc.h>
 #include <sys/resource.h>
+#include <sys/uio.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 
 int vl_ofd_lock(int fd, int64_t start, int64_t len, int exclusive, int unlock) {
     struct flock fl;
@@ -128,4 +131,21 @@ int vl_mutex_init_adaptive(pthread_mutex_t *mutex) {
     int r = pthread_mutex_init(mutex, &attr);
     pthread_mutexattr_destroy(&attr);
     return r;
+}
+
+static __thread int vl_nowait_flag;
+
+int vl_nowait_get(void) { return vl_nowait_flag; }
+void vl_nowait_set(int on) { vl_nowait_flag = on; }
+
+long vl_pread_nowait(int fd, void *buf, size_t len, int64_t off) {
+    struct iovec io = { buf, len };
+    ssize_t n = preadv2(fd, &io, 1, (off_t)off, RWF_NOWAIT);
+    return n < 0 ? -errno : (long)n;
+}
+
+int vl_fd_in_memory(int fd) {
+    struct statfs sf;
+    if (fstatfs(fd, &sf) != 0) return 0;
+    return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }

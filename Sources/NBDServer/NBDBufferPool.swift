@@ -2,25 +2,43 @@ import NIOCore
 import Synchronization
 
 /// Buffers for read replies and write payloads, kept for reuse so that a stream of
-/// large requests does not allocate (and fault in) a fresh buffer per request.
+/// requests does not allocate (and fault in) a fresh buffer per request.
 ///
-/// Read buffers go out to pool threads (which fill them) and come back from the event
-/// loop once their reply has been written; write payloads are copied into one on the
-/// event loop and come back once the image has them. At most `maxRetainedBytes` are kept; the rest are
-/// left to be freed.
+/// Read buffers go out to be filled (on the event loop or a pool thread) and come back
+/// once their reply has been written; write payloads are copied into one on the event
+/// loop and come back once the image has them.
+///
+/// Buffers come in size classes, a power of two plus room for a reply header (a 4 KiB
+/// read's buffer holds 4 KiB and its header), one free list per class, so taking and
+/// giving back cost the same however many are kept. At most `maxRetainedBytes` and
+/// `maxBuffers` are kept (enough for every connection's requests in flight under a
+/// copy with several connections); the rest are left to be freed.
 final class NBDBufferPool: Sendable {
-    private let free = Mutex<(buffers: [ByteBuffer], bytes: Int)>(([], 0))
+    private struct Free {
+        /// Index: the class's power of two.
+        var classes = [[ByteBuffer]](repeating: [], count: 64)
+        var count = 0
+        var bytes = 0
+    }
+
+    private let free = Mutex(Free())
     private let allocator = ByteBufferAllocator()
     let maxRetainedBytes: Int
     let maxBuffers: Int
+    /// The room above the power of two: a structured read reply's 28-byte header.
+    static let headerRoom = 64
 
-    init(maxRetainedBytes: Int = 128 << 20, maxBuffers: Int = 32) {
+    init(maxRetainedBytes: Int = 128 << 20, maxBuffers: Int = 512) {
         self.maxRetainedBytes = maxRetainedBytes
         self.maxBuffers = maxBuffers
     }
 
-    /// An empty buffer of at least `capacity` bytes: the smallest free one that fits
-    /// (and is not wastefully large), or a new one.
+    /// The class holding `capacity` bytes: the smallest `k` with 2^k + headerRoom >= capacity.
+    static func sizeClass(_ capacity: Int) -> Int {
+        let body = max(capacity - headerRoom, 1)
+        return Int.bitWidth - (body - 1).leadingZeroBitCount
+    }
+
     /// A pooled buffer holding exactly `payload`'s bytes: a write payload no longer pins
     /// the (possibly much larger) receive buffer it was sliced from.
     func copy(of payload: ByteBuffer) -> ByteBuffer {
@@ -29,17 +47,14 @@ final class NBDBufferPool: Sendable {
         return copy
     }
 
+    /// An empty buffer of at least `capacity` bytes: a free one of its class, or a new one.
     func take(capacity: Int) -> ByteBuffer {
-        let largest = max(capacity * 4, 64 << 10)
+        let k = Self.sizeClass(capacity)
         let reused: ByteBuffer? = free.withLock { state in
-            var best: Int?
-            for (i, b) in state.buffers.enumerated() where b.capacity >= capacity && b.capacity <= largest {
-                if best == nil || b.capacity < state.buffers[best!].capacity { best = i }
-            }
-            guard let i = best else { return nil }
-            // Removing it from the array leaves the caller the only reference, so
+            // Removing it from the list leaves the caller the only reference, so
             // filling it does not copy.
-            let b = state.buffers.remove(at: i)
+            guard let b = state.classes[k].popLast() else { return nil }
+            state.count -= 1
             state.bytes -= b.capacity
             return b
         }
@@ -47,16 +62,20 @@ final class NBDBufferPool: Sendable {
             b.clear()
             return b
         }
-        return allocator.buffer(capacity: capacity)
+        return allocator.buffer(capacity: (1 << k) + Self.headerRoom)
     }
 
-    /// Give a buffer back once nothing else will read it.
+    /// Give a buffer back once nothing else will read it. Buffers not made by `take`
+    /// (small replies) are filed under the class they fill.
     func recycle(_ buffer: ByteBuffer) {
         let size = buffer.capacity
-        guard size <= maxRetainedBytes else { return }
+        guard size <= maxRetainedBytes, size > Self.headerRoom else { return }
+        // The largest class the buffer fills completely.
+        let k = Int.bitWidth - 1 - (size - Self.headerRoom).leadingZeroBitCount
         free.withLock { state in
-            guard state.buffers.count < maxBuffers, state.bytes + size <= maxRetainedBytes else { return }
-            state.buffers.append(buffer)
+            guard state.count < maxBuffers, state.bytes + size <= maxRetainedBytes else { return }
+            state.classes[k].append(buffer)
+            state.count += 1
             state.bytes += size
         }
     }

@@ -17,8 +17,8 @@ public struct NBDReplyError: Error, Equatable, Sendable {
 /// Transmission-phase commands (proto.md "Request types") against a `DiskImage`.
 ///
 /// `validate` is cheap and runs on the event loop; `execute` does the image I/O and
-/// runs on a pool thread. Both produce the complete reply bytes, so the event loop
-/// only writes them.
+/// runs on a pool thread; `readInline` serves a read from memory on the event loop, or
+/// declines. All produce the complete reply bytes, so the event loop only writes them.
 public enum NBDCommands {
     /// Flags each command accepts. FUA is valid on every command (we advertise
     /// SEND_FUA) and is ignored where nothing is written.
@@ -93,6 +93,22 @@ public enum NBDCommands {
         case NBD.cmdRead where r.length > 0: return 28 + Int(min(r.length, UInt32(NBD.maxPayload)))
         case NBD.cmdCache where r.length > 0: return cacheChunk
         default: return 0
+        }
+    }
+
+    /// Reads up to this size are tried on the event loop (`readInline`); larger ones
+    /// would hold up the loop's other connections while their bytes are copied.
+    static let inlineReadLimit = 256 << 10
+
+    /// A validated read served from memory without blocking (`NonBlocking`): from the
+    /// page cache and the metadata cache, without waiting for a lock held over I/O. Nil
+    /// when it would have had to wait: then it runs on the pool like any request.
+    static func readInline(_ r: NBDRequest, session: NBDSession, pool: NBDBufferPool) -> ByteBuffer? {
+        guard r.type == NBD.cmdRead, r.length <= inlineReadLimit else { return nil }
+        do {
+            return try NonBlocking.attempt { try read(r, session: session, pool: pool) }
+        } catch {
+            return errorReply(r, session: session, error: replyError(for: error, request: r))
         }
     }
 

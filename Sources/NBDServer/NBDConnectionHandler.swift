@@ -5,9 +5,9 @@ import NIOSSL
 /// Sent down a connection's pipeline when the server stops.
 struct NBDServerShutdownEvent {}
 
-/// One client connection, on its event loop: runs the handshake, then hands requests
-/// to the I/O pool and writes their replies as they complete (in any order, as the
-/// protocol allows).
+/// One client connection, on its event loop: runs the handshake, then answers reads
+/// that memory can serve at once and hands other requests to the I/O pool, writing
+/// replies as they complete (in any order, as the protocol allows).
 ///
 /// Back-pressure: a request counts against the connection from the moment it is
 /// decoded until its reply has been written. Past `maxRequestsInFlight` requests or
@@ -65,6 +65,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var readHeld = false
     /// The session that in-flight and pending requests run under (kept while draining).
     private var session: NBDSession?
+    /// Between channelRead and channelReadComplete, which flushes what was written.
+    private var inReadBatch = false
 
     init(core: NBDServerCore) {
         self.core = core
@@ -227,6 +229,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        inReadBatch = true
         let message = unwrapInboundIn(data)
         switch phase {
         case .handshake(var negotiation):
@@ -280,6 +283,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        inReadBatch = false
         context.flush()
         context.fireChannelReadComplete()
     }
@@ -336,21 +340,30 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Hand queued requests over to run, as far as the server's memory budget allows.
+    /// A read that memory can serve is answered here and now (`readInline`): no thread
+    /// hand-over either way.
     private func startQueued() {
-        guard let work else { return }
+        guard let work, let session else { return }
+        var answered = false
         while let next = queued.first {
             // A read's buffer is allocated when it runs: take it from the budget first,
             // or wait (in order) for a release.
             let buffer = NBDCommands.bufferCost(next.request)
             if buffer > 0 {
                 guard let budgetWake, core.budget.acquire(buffer, holdsNothing: heldBudget == 0, id: ObjectIdentifier(self), wake: budgetWake) else {
-                    return
+                    break
                 }
                 heldBudget += buffer
             }
             let (r, cost, earlier) = queued.removeFirst()
+            if let bytes = NBDCommands.readInline(r, session: session, pool: core.bufferPool) {
+                reply(bytes, cost: cost, held: earlier + buffer, recycle: true, flush: false)
+                answered = true
+                continue
+            }
             work.submit(.init(request: r, cost: cost, held: earlier + buffer))
         }
+        if answered && !inReadBatch { context?.flush() }
     }
 
     /// Replies have finished on the pool: write them all, then flush once.

@@ -405,6 +405,41 @@ struct NBDServerTests {
         }
     }
 
+    @Test("reads of data the page cache does not hold go to the pool; what it holds is answered at once; all bit-exact",
+          .enabled(if: tempDirOnDevice))
+    func readsFromDiskAndMemory() throws {
+        let dir = TempDir()
+        // A chain, so that a read may need both files.
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "64M"], cwd: dir.path)
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x71 0 64M", "base.qcow2"], cwd: dir.path)
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "disk.qcow2"], cwd: dir.path)
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x72 4M 8M", "-c", "write -z 20M 1M", "disk.qcow2"], cwd: dir.path)
+        let want = try reference("disk.qcow2", format: "qcow2", in: dir)
+        let server = try ServeProcess.start(["-r", "disk.qcow2"], in: dir)
+        defer { _ = try? server.stop() }
+        func evict() {
+            for f in ["base.qcow2", "disk.qcow2"] {
+                let fd = open(dir.file(f), O_RDONLY)
+                _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+                close(fd)
+            }
+        }
+        // Random 4 KiB reads, many in flight: first with nothing cached, then again
+        // with everything cached.
+        var rng = SplitMix(state: 7)
+        let offsets = (0..<256).map { _ in (rng.next() % (64 << 8)) << 12 }
+        for round in ["evicted", "cached"] {
+            if round == "evicted" { evict() }
+            try readConcurrently(server, export: "disk.qcow2", offsets: offsets) { offset, data in
+                #expect(data[...] == want[Int(offset)..<Int(offset) + 4096], "\(round): 4 KiB at \(offset) differs")
+            }
+        }
+        evict()
+        try sh(["nbdcopy", server.uri("disk.qcow2"), dir.file("copy.raw")])
+        #expect(try readFile(dir.file("copy.raw")) == want, "nbdcopy of an evicted chain differs from qemu-img convert")
+        #expect(try server.stop() == 0, "server log: \(server.log)")
+    }
+
     /// Send 4 KiB reads at `offsets` all at once on one connection, then check each reply.
     func readConcurrently(_ server: ServeProcess, export: String, offsets: [UInt64], check: (UInt64, [UInt8]) -> Void) throws {
         let c = try RawNBDClient(port: server.port, receiveTimeout: 60)

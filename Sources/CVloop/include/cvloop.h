@@ -35,4 +35,13 @@ int vl_mutex_init_adaptive(pthread_mutex_t *mutex);
 
 /* Voluntary context switches of the calling thread so far (it blocked: I/O, a lock). */
 long vl_thread_voluntary_switches(void);
+
+/* The calling thread's "do not wait" mode (see NonBlocking.swift). */
+int vl_nowait_get(void);
+void vl_nowait_set(int on);
+/* preadv2(RWF_NOWAIT): bytes read, or -errno (-EAGAIN: not in the page cache,
+   -EOPNOTSUPP: the file system cannot tell). */
+long vl_pread_nowait(int fd, void *buf, size_t len, int64_t off);
+/* 1 if the file lives in memory (tmpfs, ramfs): reading it never waits for a device. */
+int vl_fd_in_memory(int fd);
 #endif

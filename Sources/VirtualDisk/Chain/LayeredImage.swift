@@ -35,7 +35,7 @@ public final class LayeredImage: DiskImage {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, UInt64(buffer.count))
         if buffer.isEmpty { return }
-        try ioLock.shared {
+        try ioLock.sharedLookup {
             let runs = try checked(layer.map(at: offset, length: UInt64(buffer.count)), offset, UInt64(buffer.count))
             for run in runs {
                 let start = Int(run.offset - offset)

@@ -9,6 +9,8 @@ public final class HostFile: Sendable {
     public let path: String
     public let fd: Int32
     public let writable: Bool
+    /// The file lives in memory (tmpfs, ramfs): reading it never waits for a device.
+    private let inMemory: Bool
 
     public init(path: String, writable: Bool, create: Bool = false, truncate: Bool = false) throws {
         var flags: Int32 = writable ? O_RDWR : O_RDONLY
@@ -31,6 +33,7 @@ public final class HostFile: Sendable {
         self.path = path
         self.fd = fd
         self.writable = writable
+        self.inMemory = vl_fd_in_memory(fd) != 0
     }
 
     deinit { Glibc.close(fd) }
@@ -49,11 +52,21 @@ public final class HostFile: Sendable {
     }
 
     /// Read exactly `buffer.count` bytes; bytes past the end of the file read as zero.
+    /// Inside `NonBlocking.attempt`, only what needs no device I/O.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkOffset(offset, buffer.count)
+        let nowait = !inMemory && NonBlocking.active
         var done = 0
         while done < buffer.count {
-            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            let n: Int
+            if nowait {
+                let r = vl_pread_nowait(fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done))
+                if r == -Int(EAGAIN) || r == -Int(EOPNOTSUPP) { throw NonBlocking.WouldBlock() }
+                if r < 0 { errno = Int32(-r) }
+                n = r
+            } else {
+                n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
             if n < 0 {
                 if errno == EINTR { continue }
                 throw ioError("read", offset + UInt64(done))
@@ -73,6 +86,7 @@ public final class HostFile: Sendable {
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try NonBlocking.check()
         try checkOffset(offset, buffer.count)
         WriteRecorder.note(path, .write(path: path, offset: offset, bytes: Array(buffer)))
         var done = 0
@@ -94,6 +108,7 @@ public final class HostFile: Sendable {
     /// Write `length` zero bytes, preferring fallocate.
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
+        try NonBlocking.check()
         try checkOffset(offset, Int(min(length, UInt64(Int.max))))
         if vl_zero_range(fd, Int64(offset), Int64(length), 0) == 0 {
             WriteRecorder.note(path, .zero(path: path, offset: offset, length: length))
@@ -112,6 +127,7 @@ public final class HostFile: Sendable {
     @discardableResult
     public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
         if length == 0 { return true }
+        if NonBlocking.active { return false }
         if offset > UInt64(Int64.max) - min(length, UInt64(Int64.max)) { return false }
         guard vl_punch_hole(fd, Int64(offset), Int64(length)) == 0 else { return false }
         WriteRecorder.note(path, .zero(path: path, offset: offset, length: length))
@@ -119,6 +135,7 @@ public final class HostFile: Sendable {
     }
 
     public func preallocate(at offset: UInt64, length: UInt64) throws {
+        try NonBlocking.check()
         try checkOffset(offset, Int(min(length, UInt64(Int.max))))
         let r = vl_fallocate(fd, Int64(offset), Int64(length))
         if r < 0 { throw ImageError(.io, "fallocate failed: \(String(cString: strerror(-r)))", path: path, errno: -r) }
@@ -138,12 +155,14 @@ public final class HostFile: Sendable {
     }
 
     public func truncate(to size: UInt64) throws {
+        try NonBlocking.check()
         try checkOffset(size, 0)
         if ftruncate(fd, off_t(size)) != 0 { throw ioError("truncate", size) }
         WriteRecorder.note(path, .truncate(path: path, size: size))
     }
 
     public func sync() throws {
+        try NonBlocking.check()
         if fdatasync(fd) != 0 { throw ioError("fdatasync", 0) }
         WriteRecorder.note(path, .sync(path: path))
     }

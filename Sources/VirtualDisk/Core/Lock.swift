@@ -30,6 +30,14 @@ final class Lock: @unchecked Sendable {
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
+
+    /// As `run`, but inside `NonBlocking.attempt` a lock its holder keeps is not
+    /// waited for: the holder may be doing I/O.
+    func lookup<R>(_ body: () throws -> R) throws -> R {
+        try NonBlocking.acquire(trying: { pthread_mutex_trylock(mutex) == 0 }, waiting: { pthread_mutex_lock(mutex) })
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
 }
 
 /// State guarded by a spinning pthread mutex. For hot locks held for a few instructions
@@ -57,6 +65,11 @@ final class MetadataLock: Sendable {
 
     func run<R>(_ body: () throws -> R) rethrows -> R {
         try lock.run(body)
+    }
+
+    /// For lookups on the read path: see `Lock.lookup`.
+    func lookup<R>(_ body: () throws -> R) throws -> R {
+        try lock.lookup(body)
     }
 
     /// The flush every format layer shares. With metadata to write (`dirty`, checked

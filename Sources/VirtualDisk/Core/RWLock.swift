@@ -25,6 +25,14 @@ final class RWLock: @unchecked Sendable {
         return try body()
     }
 
+    /// As `shared`, but inside `NonBlocking.attempt` an exclusive holder (which may be
+    /// doing I/O) is not waited for.
+    func sharedLookup<R>(_ body: () throws -> R) throws -> R {
+        try NonBlocking.acquire(trying: { pthread_rwlock_tryrdlock(lock) == 0 }, waiting: { pthread_rwlock_rdlock(lock) })
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+
     func exclusive<R>(_ body: () throws -> R) rethrows -> R {
         pthread_rwlock_wrlock(lock)
         defer { pthread_rwlock_unlock(lock) }

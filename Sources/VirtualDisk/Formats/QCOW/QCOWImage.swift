@@ -183,7 +183,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(at: offset, length: length) }
+        try lock.lookup { try mapLocked(at: offset, length: length) }
     }
 
     private func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
@@ -235,7 +235,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
 
     /// The whole decompressed cluster for a compressed entry.
     func decompress(_ token: UInt64) throws -> [UInt8] {
-        if let cached = lock.run({ lastDecompressed }), cached.token == token { return cached.bytes }
+        if let cached = try lock.lookup({ lastDecompressed }), cached.token == token { return cached.bytes }
         let e = QCOWEntry(raw: token)
         let (off, len) = try lock.run { try compressedRange(e) }
         let input = try file.read(at: off, count: Int(len))
@@ -249,7 +249,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
             throw ImageError(.corrupt, "compressed cluster at \(off) (\(len) bytes) does not decompress to \(clusterSize) bytes; the image is damaged",
                              path: file.path, format: "qcow", offset: off)
         }
-        lock.run { lastDecompressed = (token, out) }
+        try lock.lookup { lastDecompressed = (token, out) }
         return out
     }
 

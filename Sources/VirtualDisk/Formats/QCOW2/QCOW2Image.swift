@@ -200,7 +200,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
+        try lock.lookup { try mapLocked(l1: header.l1TableOffset, at: offset, length: length) }
     }
 
     func mapLocked(l1: UInt64, at offset: UInt64, length: UInt64) throws -> [LayerRun] {
@@ -272,7 +272,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     func decompress(_ token: UInt64) throws -> [UInt8] {
-        if let cached = lock.run({ lastDecompressed }), cached.token == token { return cached.bytes }
+        if let cached = try lock.lookup({ lastDecompressed }), cached.token == token { return cached.bytes }
         let (off, len) = compressedRange(token)
         let capped = min(len, clusterSize * 2 + 512)
         let input = try file.read(at: off, count: Int(capped))
@@ -287,7 +287,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         if n != Int(clusterSize) {
             throw ImageError(.corrupt, "compressed cluster at \(off) does not decompress (\(header.compressionType == 1 ? "zstd" : "zlib")); run 'vloop check'", path: file.path, offset: off)
         }
-        lock.run { lastDecompressed = (token, out) }
+        try lock.lookup { lastDecompressed = (token, out) }
         return out
     }
 

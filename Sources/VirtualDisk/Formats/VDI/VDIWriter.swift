@@ -64,14 +64,27 @@ extension VDILayer {
             if let host { try file.write(part, at: host) }
             return
         }
-        if f.host + span > f.oldLength { try file.truncate(to: f.host + span) }
-        let data = f.host + blockExtra
-        if blockExtra > 0 && f.host < f.oldLength {
-            try file.writeZeroes(at: f.host, length: min(blockExtra, f.oldLength - f.host))
+        do {
+            if f.host + span > f.oldLength { try file.truncate(to: f.host + span) }
+            let data = f.host + blockExtra
+            if blockExtra > 0 && f.host < f.oldLength {
+                try file.writeZeroes(at: f.host, length: min(blockExtra, f.oldLength - f.host))
+            }
+            try fill(from: blockStart, to: pos, blockStart: blockStart, data: data, f, below)
+            try file.write(part, at: data + (pos - blockStart))
+            try fill(from: end, to: blockStart + blockSize, blockStart: blockStart, data: data, f, below)
+        } catch {
+            // The block never got its map entry: give its slot back (allocations are
+            // serialized by `allocLock`, so it is still the last one), or the header's
+            // count would stay above the blocks in use.
+            let shrunk = f.host + span > f.oldLength && (try? file.truncate(to: f.oldLength)) != nil
+            lock.run {
+                nextSlot = f.slot
+                header.blocksAllocated = UInt32(f.slot)
+                if shrunk { fileLength = f.oldLength }
+            }
+            throw error
         }
-        try fill(from: blockStart, to: pos, blockStart: blockStart, data: data, f, below)
-        try file.write(part, at: data + (pos - blockStart))
-        try fill(from: end, to: blockStart + blockSize, blockStart: blockStart, data: data, f, below)
         try lock.run { try setMapEntry(i, UInt32(f.slot)) }
     }
 

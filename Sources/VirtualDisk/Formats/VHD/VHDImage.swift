@@ -306,7 +306,7 @@ public final class VHDLayer: FormatLayer, @unchecked Sendable {
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
         if isFixed { return mapFixed(at: offset, length: length) }
-        return try lock.run { try mapLocked(at: offset, length: length) }
+        return try lock.lookup { try mapLocked(at: offset, length: length) }
     }
 
     /// A fixed disk is its file's first bytes: holes read as zeroes, as for raw.

@@ -292,7 +292,7 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
     // MARK: mapping
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(at: offset, length: length) }
+        try lock.lookup { try mapLocked(at: offset, length: length) }
     }
 
     func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {

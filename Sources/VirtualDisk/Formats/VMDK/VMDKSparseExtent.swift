@@ -381,7 +381,7 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
     // MARK: map
 
     func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
-        try lock.run { try mapLocked(at: offset, length: length) }
+        try lock.lookup { try mapLocked(at: offset, length: length) }
     }
 
     func mapLocked(at offset: UInt64, length: UInt64) throws -> [LayerRun] {

@@ -104,7 +104,7 @@ extension VMDKSparseExtent {
         var bytes: [UInt8]
         if token == 0 {
             // The pending grain — or, if it was committed since `map`, wherever it is now.
-            let now: [UInt8]? = try lock.run {
+            let now: [UInt8]? = try lock.lookup {
                 if let p = pending, p.grain == g { return p.bytes }
                 switch try grain(g) {
                 case .compressed(let h): return try decodeGrain(host: h, grain: g)
