@@ -134,6 +134,10 @@ int vl_mutex_init_adaptive(pthread_mutex_t *mutex) {
 }
 
 static __thread int vl_nowait_flag;
+static __thread void *vl_lookup_lock;
+
+void *vl_lookup_current(void) { return vl_lookup_lock; }
+void vl_lookup_set_current(void *lock) { vl_lookup_lock = lock; }
 
 int vl_nowait_get(void) { return vl_nowait_flag; }
 void vl_nowait_set(int on) { vl_nowait_flag = on; }

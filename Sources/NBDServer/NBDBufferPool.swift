@@ -39,6 +39,9 @@ final class NBDBufferPool: Sendable {
         return Int.bitWidth - (body - 1).leadingZeroBitCount
     }
 
+    /// The bytes `take(capacity:)` allocates: what a request is charged for its buffer.
+    static func allocation(_ capacity: Int) -> Int { (1 << sizeClass(capacity)) + headerRoom }
+
     /// A pooled buffer holding exactly `payload`'s bytes: a write payload no longer pins
     /// the (possibly much larger) receive buffer it was sliced from.
     func copy(of payload: ByteBuffer) -> ByteBuffer {
@@ -62,7 +65,7 @@ final class NBDBufferPool: Sendable {
             b.clear()
             return b
         }
-        return allocator.buffer(capacity: (1 << k) + Self.headerRoom)
+        return allocator.buffer(capacity: Self.allocation(capacity))
     }
 
     /// Give a buffer back once nothing else will read it. Buffers not made by `take`

@@ -90,7 +90,7 @@ public enum NBDCommands {
     /// budget before it starts: a read's reply (header and data), CACHE's one chunk.
     static func bufferCost(_ r: NBDRequest) -> Int {
         switch r.type {
-        case NBD.cmdRead where r.length > 0: return 28 + Int(min(r.length, UInt32(NBD.maxPayload)))
+        case NBD.cmdRead where r.length > 0: return NBDBufferPool.allocation(28 + Int(min(r.length, UInt32(NBD.maxPayload))))
         case NBD.cmdCache where r.length > 0: return cacheChunk
         default: return 0
         }
@@ -99,12 +99,16 @@ public enum NBDCommands {
     /// Reads up to this size are tried on the event loop (`readInline`); larger ones
     /// would hold up the loop's other connections while their bytes are copied.
     static let inlineReadLimit = 256 << 10
+    /// Bytes one connection reads inline before it lets its event loop go round.
+    static let inlineBytesPerTurn = 1 << 20
+
+    static func mayReadInline(_ r: NBDRequest) -> Bool { r.type == NBD.cmdRead && r.length <= inlineReadLimit }
 
     /// A validated read served from memory without blocking (`NonBlocking`): from the
     /// page cache and the metadata cache, without waiting for a lock held over I/O. Nil
     /// when it would have had to wait: then it runs on the pool like any request.
     static func readInline(_ r: NBDRequest, session: NBDSession, pool: NBDBufferPool) -> ByteBuffer? {
-        guard r.type == NBD.cmdRead, r.length <= inlineReadLimit else { return nil }
+        guard mayReadInline(r) else { return nil }
         do {
             return try NonBlocking.attempt { try read(r, session: session, pool: pool) }
         } catch {

@@ -67,6 +67,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var session: NBDSession?
     /// Between channelRead and channelReadComplete, which flushes what was written.
     private var inReadBatch = false
+    /// Bytes read inline since this connection last let its event loop go round. After
+    /// `NBDCommands.inlineBytesPerTurn` of them, the rest waits until the loop has
+    /// served its other channels (`resumeNextTurn`), so they do not wait long behind
+    /// this one's copying.
+    private var inlineBytes = 0
+    private var resumeScheduled = false
 
     init(core: NBDServerCore) {
         self.core = core
@@ -346,6 +352,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard let work, let session else { return }
         var answered = false
         while let next = queued.first {
+            if inlineBytes >= NBDCommands.inlineBytesPerTurn && NBDCommands.mayReadInline(next.request) {
+                resumeNextTurn()
+                break
+            }
             // A read's buffer is allocated when it runs: take it from the budget first,
             // or wait (in order) for a release.
             let buffer = NBDCommands.bufferCost(next.request)
@@ -357,6 +367,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
             let (r, cost, earlier) = queued.removeFirst()
             if let bytes = NBDCommands.readInline(r, session: session, pool: core.bufferPool) {
+                inlineBytes += Int(r.length)
                 reply(bytes, cost: cost, held: earlier + buffer, recycle: true, flush: false)
                 answered = true
                 continue
@@ -364,6 +375,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             work.submit(.init(request: r, cost: cost, held: earlier + buffer))
         }
         if answered && !inReadBatch { context?.flush() }
+    }
+
+    /// Go on with `queued` once the loop has served its other channels.
+    private func resumeNextTurn() {
+        guard !resumeScheduled, let context else { return }
+        resumeScheduled = true
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.execute {
+            let handler = bound.value
+            handler.resumeScheduled = false
+            handler.inlineBytes = 0
+            handler.startQueued()
+        }
     }
 
     /// Replies have finished on the pool: write them all, then flush once.

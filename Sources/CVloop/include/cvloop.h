@@ -42,6 +42,10 @@ void vl_nowait_set(int on);
 /* preadv2(RWF_NOWAIT): bytes read, or -errno (-EAGAIN: not in the page cache,
    -EOPNOTSUPP: the file system cannot tell). */
 long vl_pread_nowait(int fd, void *buf, size_t len, int64_t off);
+/* The metadata lock whose lookup section the calling thread is in (MetadataLock.swift),
+   or NULL. */
+void *vl_lookup_current(void);
+void vl_lookup_set_current(void *lock);
 /* 1 if the file lives in memory (tmpfs, ramfs): reading it never waits for a device. */
 int vl_fd_in_memory(int fd);
 #endif

@@ -9,6 +9,9 @@ import Synchronization
 /// - The cache's lock guards only bookkeeping (the key map, the LRU list, pins, dirty
 ///   sets) and is never held across I/O: a miss loads the page without the lock, then
 ///   inserts it. Another image's metadata I/O therefore never blocks this one.
+/// - A miss in an owner's lookup (`MetadataLock.lookup`) loads with the owner's lock
+///   let go as well, so neither do other lookups in the same image wait for it; a
+///   change to the owner's metadata meanwhile restarts the lookup.
 /// - Dirty pages are never evicted. The owner writes them back itself, in rank order
 ///   (`writeBack`), at flush or when `isOverBudget` says memory is tight. Rank encodes
 ///   the write-back order the format needs, e.g. for QCOW2: refcount blocks (0) before
@@ -123,7 +126,8 @@ public final class MetadataCache: Sendable {
             return p
         }
         if page == nil {
-            let bytes = try load()
+            // In a lookup, the owner's lock is let go while the page is read.
+            let bytes = try MetadataLock.currentLookup?.loadUnlocked(load) ?? load()
             page = state.withLock { s in
                 if let existing = s.pages[key] {
                     existing.pins += 1

@@ -11,6 +11,8 @@ public final class LayeredImage: DiskImage {
     /// The layer's virtual size, read on every request; `sizeChanged` after a resize or
     /// a snapshot revert.
     private let size: Atomic<UInt64>
+    /// Open for writing (fixed for the image's life).
+    private let writable: Bool
     /// Extra cleanup when closing (image locks, backing handles).
     private let onClose: @Sendable () -> Void
 
@@ -18,7 +20,9 @@ public final class LayeredImage: DiskImage {
         self.layer = layer
         self.backingImage = backing
         self.onClose = onClose
-        self.size = Atomic(layer.layerInfo.virtualSize)
+        let info = layer.layerInfo
+        self.size = Atomic(info.virtualSize)
+        self.writable = info.capabilities.contains(.writable)
     }
 
     public var info: ImageInfo { layer.layerInfo }
@@ -90,7 +94,7 @@ public final class LayeredImage: DiskImage {
     // MARK: write
 
     private func requireWritable() throws {
-        if !info.capabilities.contains(.writable) {
+        if !writable {
             throw ImageError(.readOnly, "image is open read-only", path: info.path)
         }
     }
@@ -180,7 +184,7 @@ public final class LayeredImage: DiskImage {
     // MARK: lifetime
 
     public func flush() throws {
-        if info.capabilities.contains(.writable) { try layer.flush() }
+        if writable { try layer.flush() }
     }
 
     public func close() throws {

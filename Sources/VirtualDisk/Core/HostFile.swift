@@ -61,8 +61,10 @@ public final class HostFile: Sendable {
             let n: Int
             if nowait {
                 let r = vl_pread_nowait(fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done))
-                if r == -Int(EAGAIN) || r == -Int(EOPNOTSUPP) { throw NonBlocking.WouldBlock() }
-                if r < 0 { errno = Int32(-r) }
+                // Not in the page cache, or the file system (or kernel) cannot tell:
+                // the plain read on a thread that may wait reports any real error.
+                if r < 0 && r != -Int(EINTR) { throw NonBlocking.WouldBlock() }
+                if r < 0 { errno = EINTR }
                 n = r
             } else {
                 n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))

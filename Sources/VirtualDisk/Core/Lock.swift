@@ -31,6 +31,11 @@ final class Lock: @unchecked Sendable {
         return try body()
     }
 
+    /// For `MetadataLock.loadUnlocked` only: let go of, and take back, a lock held by
+    /// `run` or `lookup` on this thread.
+    func unlock() { pthread_mutex_unlock(mutex) }
+    func relock() { pthread_mutex_lock(mutex) }
+
     /// As `run`, but inside `NonBlocking.attempt` a lock its holder keeps is not
     /// waited for: the holder may be doing I/O.
     func lookup<R>(_ body: () throws -> R) throws -> R {
@@ -60,16 +65,72 @@ final class Guarded<State>: @unchecked Sendable {
 /// tables): lookups and changes hold it alone. On 2 cores, letting lookups share a
 /// reader-writer lock cost a third to a half of in-memory random-read IOPS in
 /// contention (measured with fio on `vloop attach`), so it is a plain mutex.
-final class MetadataLock: Sendable {
+///
+/// A lookup (`lookup`: read-only, and restartable from its start) does not keep the
+/// lock while a page it needs is read from the file: `MetadataCache.withPage` lets go
+/// of it for the read (`loadUnlocked`), so lookups elsewhere in the image, and changes,
+/// go on meanwhile. Every section that may change metadata (`run`) counts itself in
+/// `changes`; if one ran while the page was read, what the lookup had seen before may
+/// be stale, and it starts again.
+final class MetadataLock: @unchecked Sendable {
+    // Safe: `changes` is only read and written under `lock`.
     private let lock = Lock()
+    private var changes: UInt64 = 0
+
+    struct Restart: Error {}
 
     func run<R>(_ body: () throws -> R) rethrows -> R {
-        try lock.run(body)
+        try lock.run {
+            changes &+= 1
+            // Pages loaded in here keep the lock: a change is not restartable.
+            let outer = vl_lookup_current()
+            vl_lookup_set_current(nil)
+            defer { vl_lookup_set_current(outer) }
+            return try body()
+        }
     }
 
-    /// For lookups on the read path: see `Lock.lookup`.
+    /// For lookups on the read path: see the type's comment, and `Lock.lookup` for
+    /// how it behaves inside `NonBlocking.attempt`.
     func lookup<R>(_ body: () throws -> R) throws -> R {
-        try lock.lookup(body)
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        while true {
+            do {
+                return try lock.lookup {
+                    let outer = vl_lookup_current()
+                    vl_lookup_set_current(me)
+                    defer { vl_lookup_set_current(outer) }
+                    return try body()
+                }
+            } catch is Restart {
+                continue
+            }
+        }
+    }
+
+    /// On a cache miss: the lookup section this thread is in, if the page is its own
+    /// to load (not inside a change, not inside a `NonBlocking` attempt, whose reads
+    /// come from memory and are quick).
+    static var currentLookup: MetadataLock? {
+        guard !NonBlocking.active, let p = vl_lookup_current() else { return nil }
+        return Unmanaged<MetadataLock>.fromOpaque(p).takeUnretainedValue()
+    }
+
+    /// Read a page with the lock let go; called with it held, returns with it held.
+    /// Throws `Restart` if a change ran meanwhile.
+    func loadUnlocked(_ load: () throws -> [UInt8]) throws -> [UInt8] {
+        let seen = changes
+        lock.unlock()
+        let bytes: [UInt8]
+        do {
+            bytes = try load()
+        } catch {
+            lock.relock()
+            throw error
+        }
+        lock.relock()
+        if changes != seen { throw Restart() }
+        return bytes
     }
 
     /// The flush every format layer shares. With metadata to write (`dirty`, checked

@@ -112,8 +112,11 @@ public enum ResizeOperation {
         if newSize < old && !shrink {
             throw ImageError(.invalidArgument, "shrinking loses data past the new end; add --shrink if that is intended", path: image.info.path)
         }
-        try layer.resize(to: newSize, shrink: shrink)
-        (image as? LayeredImage)?.sizeChanged()
+        do {
+            // Whatever size the layer got to, even if it failed part-way.
+            defer { (image as? LayeredImage)?.sizeChanged() }
+            try layer.resize(to: newSize, shrink: shrink)
+        }
         // Bytes a shrink left in a partial last unit must not reappear on growth.
         let unit = max(image.info.clusterSize, 512)
         let tailEnd = min(newSize, old.alignedUp(unit))

@@ -15,8 +15,8 @@ public enum SnapshotOperation {
 
     public static func create(_ image: DiskImage, name: String) throws { try layer(image).createSnapshot(name: name) }
     public static func apply(_ image: DiskImage, name: String) throws {
+        defer { (image as? LayeredImage)?.sizeChanged() }
         try layer(image).applySnapshot(name: name)
-        (image as? LayeredImage)?.sizeChanged()
     }
     public static func delete(_ image: DiskImage, name: String) throws { try layer(image).deleteSnapshot(name: name) }
 

@@ -236,8 +236,10 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     /// The whole decompressed cluster for a compressed entry.
     func decompress(_ token: UInt64) throws -> [UInt8] {
         if let cached = try lock.lookup({ lastDecompressed }), cached.token == token { return cached.bytes }
+        // Decompressing is work for a thread that may take its time.
+        try NonBlocking.check()
         let e = QCOWEntry(raw: token)
-        let (off, len) = try lock.run { try compressedRange(e) }
+        let (off, len) = try lock.lookup { try compressedRange(e) }
         let input = try file.read(at: off, count: Int(len))
         var out = [UInt8](repeating: 0, count: Int(clusterSize))
         let n = input.withUnsafeBytes { src in

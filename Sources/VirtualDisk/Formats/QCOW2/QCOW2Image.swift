@@ -273,6 +273,8 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
 
     func decompress(_ token: UInt64) throws -> [UInt8] {
         if let cached = try lock.lookup({ lastDecompressed }), cached.token == token { return cached.bytes }
+        // Decompressing is work for a thread that may take its time.
+        try NonBlocking.check()
         let (off, len) = compressedRange(token)
         let capped = min(len, clusterSize * 2 + 512)
         let input = try file.read(at: off, count: Int(capped))

@@ -27,6 +27,9 @@ public final class RawLayer: FormatLayer {
     }
 
     public func map(at offset: UInt64, length: UInt64) throws -> [LayerRun] {
+        // Finding holes (SEEK_DATA) may wait for the file's lock or its extent list;
+        // holes read as zeroes anyway.
+        if NonBlocking.active { return [LayerRun(offset: offset, length: length, kind: .stored(file: file, hostOffset: offset))] }
         var runs: [LayerRun] = []
         let end = offset + length
         var pos = offset

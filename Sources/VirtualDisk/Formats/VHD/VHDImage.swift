@@ -311,6 +311,8 @@ public final class VHDLayer: FormatLayer, @unchecked Sendable {
 
     /// A fixed disk is its file's first bytes: holes read as zeroes, as for raw.
     private func mapFixed(at offset: UInt64, length: UInt64) -> [LayerRun] {
+        // As for raw: no SEEK_DATA where nothing may wait.
+        if NonBlocking.active { return [LayerRun(offset: offset, length: length, kind: .stored(file: file, hostOffset: offset))] }
         var runs: [LayerRun] = []
         let end = offset + length
         var pos = offset

@@ -68,6 +68,8 @@ extension VMDKSparseExtent {
     /// Decompress the grain stored at `host`.
     func decodeGrain(host: UInt64, grain g: UInt64) throws -> [UInt8] {
         if let hit = decoded.withLock({ $0 }), hit.0 == host { return hit.1 }
+        // Decompressing is work for a thread that may take its time.
+        try NonBlocking.check()
         let f = sparseFile
         let limit = Int(grainBytes) * 2 + 512
         var size: Int

@@ -1,0 +1,98 @@
+import Foundation
+import Testing
+@testable import VirtualDisk
+
+/// Lookups in one image do not wait for each other's metadata reads
+/// (`MetadataLock.lookup`, `MetadataCache.withPage`).
+@Suite("lookups do not wait for each other's metadata I/O", .timeLimit(.minutes(2)))
+struct LookupConcurrencyTests {
+    /// Run `body` on a thread of its own; the semaphore is signalled when it returns.
+    func spawn(_ body: @escaping @Sendable () -> Void) -> DispatchSemaphore {
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            body()
+            done.signal()
+        }
+        return done
+    }
+
+    final class Box<T>: @unchecked Sendable {
+        // Safe: written by one thread before a semaphore is signalled, read after the wait.
+        var value: T
+        init(_ v: T) { value = v }
+    }
+
+    @Test("a page read in one lookup holds up neither another lookup nor a change; a change meanwhile restarts it")
+    func loadsWithTheLockLetGo() throws {
+        let cache = MetadataCache(budget: 1 << 20)
+        let lock = MetadataLock()
+        let owner = MetadataCache.newOwner()
+        let entered = DispatchSemaphore(value: 0), gate = DispatchSemaphore(value: 0)
+        let loads = Box(0), result = Box<UInt8>(0)
+        // Lookup 1 misses and its read of the page stalls at the gate.
+        let first = spawn {
+            result.value = (try? lock.lookup {
+                try cache.withPage(owner: owner, offset: 0, load: {
+                    loads.value += 1
+                    entered.signal()
+                    gate.wait()
+                    return [UInt8(loads.value)]
+                }) { $0.bytes[0] }
+            }) ?? 0
+        }
+        entered.wait()
+        // Meanwhile another lookup (its own miss) and a change both get the lock.
+        let second = spawn {
+            _ = try? lock.lookup { try cache.withPage(owner: owner, offset: 4096, load: { [9] }) { $0.bytes[0] } }
+            lock.run {}
+        }
+        let otherDone = second.wait(timeout: .now() + 10) == .success
+        #expect(otherDone, "a lookup or a change waited for another lookup's page read")
+        // The change ran while page 0 was being read: lookup 1 reads it again.
+        gate.signal()
+        let again = entered.wait(timeout: .now() + 10) == .success
+        gate.signal()
+        #expect(first.wait(timeout: .now() + 20) == .success)
+        #expect(again && loads.value == 2, "the lookup did not start again after a change")
+        #expect(result.value == 2)
+        // Without a change meanwhile, one read is enough.
+        let once = Box(0)
+        let v = try lock.lookup { try cache.withPage(owner: owner, offset: 8192, load: { once.value += 1; return [7] }) { $0.bytes[0] } }
+        #expect(v == 7 && once.value == 1)
+    }
+
+    /// The first word of every L2 table in a qcow2 file: their host offsets, from the L1.
+    func l2Offsets(_ path: String) throws -> [UInt64] {
+        let bytes = try readFile(path)
+        func be64(_ o: Int) -> UInt64 { bytes[o..<o + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+        let l1Size = Int(bytes[36..<40].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        let l1 = Int(be64(40))
+        return (0..<l1Size).map { be64(l1 + 8 * $0) & 0x00ff_ffff_ffff_fe00 }.filter { $0 != 0 }
+    }
+
+    @Test("on a slow disk, reads through different L2 tables of one qcow2 load them at the same time",
+          .enabled(if: haveSlowDiskTools))
+    func l2LoadsOverlap() throws {
+        let dir = TempDir()
+        // 4 GiB, 64 KiB clusters: each L2 table maps 512 MiB; data in four of them.
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", "4G"], cwd: dir.path)
+        let regions: [UInt64] = [0, 1, 2, 3].map { $0 << 30 }
+        try sh(["qemu-io", "-f", "qcow2"] + regions.flatMap { ["-c", "write -P 0x6\($0 >> 30) \($0) 64k"] } + ["disk.qcow2"], cwd: dir.path)
+        let tables = try l2Offsets(dir.file("disk.qcow2"))
+        #expect(tables.count == regions.count)
+        let disk = try SlowDisk(in: dir, nbdkit: ["--filter=delay", "file", "file=\(dir.file("disk.qcow2"))", "rdelay=200ms"], readOnly: true)
+        let image = try openRO(disk.path, format: .qcow2)
+        defer { try? image.close() }
+        let done = regions.map { at in
+            spawn {
+                let data = try? image.read(at: at + 4096, count: 4096)
+                #expect(data == [UInt8](repeating: 0x60 + UInt8(at >> 30), count: 4096))
+            }
+        }
+        for d in done { d.wait() }
+        let l2Reads = try disk.reads().filter { r in tables.contains { $0 < r.offset + r.count && r.offset < $0 + 65536 } }
+        #expect(l2Reads.count >= regions.count)
+        let most = SlowDisk.mostAtOnce(l2Reads)
+        #expect(most >= 2, "the disk saw the \(regions.count) L2 tables read one at a time")
+    }
+}
