@@ -12,7 +12,7 @@ extension QCOWLayer {
         var pos = offset
         while pos < end {
             // Fast path: clusters already allocated, written in place with the lock released.
-            let direct = try lock.run { try directTargets(from: pos, to: end) }
+            let direct = try lock.lookup { try directTargets(from: pos, to: end) }
             for (guest, host, len) in direct {
                 let start = Int(guest - offset)
                 try file.write(UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(len))]), at: host)
@@ -60,7 +60,7 @@ extension QCOWLayer {
     private func writeAllocating(_ data: UnsafeRawBufferPointer, at pos: UInt64, below: BelowReader) throws {
         let c = pos / clusterSize
         let clusterStart = c * clusterSize
-        let e = try lock.run { try entry(guestCluster: c) }
+        let e = try lock.lookup { try entry(guestCluster: c) }
         if !e.isUnallocated && !e.isCompressed {
             // Another writer allocated it after our fast-path look: write in place.
             let host = e.hostOffset(header)

@@ -9,7 +9,7 @@ extension QCOW2Layer {
         while pos < end {
             // Fast path: clusters already allocated here, owned alone (copied flag), and
             // every touched subcluster holding data — written in place, lock released.
-            let direct = try lock.run { try directTargets(from: pos, to: end) }
+            let direct = try lock.lookup { try directTargets(from: pos, to: end) }
             for (guest, host, len) in direct {
                 let start = Int(guest - offset)
                 try dataFile.write(UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(len))]), at: host)
@@ -130,7 +130,7 @@ extension QCOW2Layer {
     private func writeAllocating(_ data: UnsafeRawBufferPointer, at pos: UInt64, below: BelowReader) throws {
         let c = pos / clusterSize
         let clusterStart = c * clusterSize
-        let e = try lock.run { try l2Entry(guestCluster: c) }
+        let e = try lock.lookup { try l2Entry(guestCluster: c) }
         // Allocated here and referenced only by the active tables (with an external data
         // file, host offsets equal guest offsets and the copied flag marks allocation).
         let ownsCluster = !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData)

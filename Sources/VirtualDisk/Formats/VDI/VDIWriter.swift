@@ -11,7 +11,7 @@ extension VDILayer {
             let start = Int(pos - offset)
             let part = UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(chunkEnd - pos))])
             // Fast path: the block is allocated — written in place, lock released.
-            if let host = try lock.run({ try inPlaceTarget(block: i, at: pos) }) {
+            if let host = try lock.lookup({ try inPlaceTarget(block: i, at: pos) }) {
                 try file.write(part, at: host)
             } else {
                 try allocLock.run { try writeAllocating(part, at: pos, below: below) }
@@ -60,7 +60,7 @@ extension VDILayer {
         }
         guard let f = fresh else {
             // Allocated by another writer while this one waited.
-            let host = try lock.run { try inPlaceTarget(block: i, at: pos) }
+            let host = try lock.lookup { try inPlaceTarget(block: i, at: pos) }
             if let host { try file.write(part, at: host) }
             return
         }

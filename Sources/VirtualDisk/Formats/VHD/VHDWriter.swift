@@ -16,7 +16,7 @@ extension VHDLayer {
             let part = UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(chunkEnd - pos))])
             // Fast path: every touched sector already stored here — written in place,
             // lock released.
-            if let host = try lock.run({ try inPlaceTarget(block: i, from: pos, to: chunkEnd) }) {
+            if let host = try lock.lookup({ try inPlaceTarget(block: i, from: pos, to: chunkEnd) }) {
                 try file.write(part, at: host)
             } else {
                 try allocLock.run { try writeFilling(part, at: pos, below: below) }

@@ -15,7 +15,7 @@ extension VHDXLayer {
             let chunkEnd = min(end, (i + 1) * blockSize)
             let start = Int(pos - offset)
             let part = UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(chunkEnd - pos))])
-            if let host = try lock.run({ try inPlaceTarget(block: i, from: pos, to: chunkEnd) }) {
+            if let host = try lock.lookup({ try inPlaceTarget(block: i, from: pos, to: chunkEnd) }) {
                 try file.write(part, at: host)
             } else {
                 try allocLock.run { try writeSlow(part, at: pos, below: below) }

@@ -16,7 +16,7 @@ extension VMDKSparseExtent {
             let part = UnsafeRawBufferPointer(rebasing: data[start..<(start + Int(chunkEnd - pos))])
             if compressed {
                 try allocLock.run { try writeCompressedGrain(part, at: pos, below: below) }
-            } else if case .data(let host) = try lock.run({ try inPlace(g) }) {
+            } else if case .data(let host) = try lock.lookup({ try inPlace(g) }) {
                 // Allocated: written in place, outside the lock.
                 try sparseFile.write(part, at: host + (pos - g * grainBytes))
             } else {
