@@ -29,6 +29,39 @@ struct CLITests {
         #expect(try vloop(["map", "-s", "lots", img]).err.contains("--start-offset lots is not a size"))
     }
 
+    @Test("convert copies a chain as qemu-img reads it, and stops with the file named when the source turns out corrupt part-way")
+    func convertReadsAhead() throws {
+        let dir = TempDir()
+        let base = dir.file("base.qcow2"), top = dir.file("top.qcow2")
+        // 24 MiB over several chunks: data, zeroes, backing data showing through.
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", base, "24M"])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 5M", "-c", "write -P 2 13M 3M", base])
+        // 4 KiB clusters: one L2 table for every 2 MiB.
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", base, "-F", "qcow2", top])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 3 1M 1M", "-c", "write -z 14M 1M", "-c", "write -P 4 20M 4M", top])
+        for format in ["raw", "qcow2", "vhdx"] {
+            let out = dir.file("out.\(format)")
+            let r = try sh([vloopBinary, "convert", "-O", format, top, out], check: false, timeout: 120)
+            #expect(r.status == 0, "\(r.err)")
+            try sh(["qemu-img", "compare", "-f", "qcow2", "-F", format == "raw" ? "raw" : format, top, out])
+        }
+        // The L1 entry for 20 MiB made unaligned: what comes before converts, then the
+        // lookup there fails.
+        let bytes = try readFile(top)
+        let l1 = Int(bytes[40..<48].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        #expect(bytes[(l1 + 80)..<(l1 + 88)].contains { $0 != 0 }, "the test needs an L2 table at 20 MiB")
+        let fd = open(top, O_WRONLY)
+        var bad: [UInt8] = [0x80, 0, 0, 0, 0, 0x01, 0x02, 0x08]
+        _ = pwrite(fd, &bad, 8, off_t(l1 + 80))
+        close(fd)
+        let r = try sh([vloopBinary, "convert", "-O", "raw", top, dir.file("broken.raw")], check: false, timeout: 120)
+        #expect(r.status != 0)
+        #expect(r.err.contains(top) && r.err.contains("unaligned"), "\(r.err)")
+        // What came before the broken table was written.
+        let partial = try readFile(dir.file("broken.raw"))
+        #expect(partial.count >= 2 << 20 && partial[(1 << 20)..<(2 << 20)].allSatisfy { $0 == 3 })
+    }
+
     @Test("sizes are read as qemu-img reads them: the same accepted, the same refused",
           arguments: ["1048576", "1M", "1.5M", "0x100000", "0X10", "0x2M", " 4k", "4K", "2b", "5.", "5.M", "1.25k", "1.0001k",
                       "3.000", "0", "1e6", "0x1p20", "1.5", "1.5b", ".5M", "0x", "1..5M", "1.5.M", "12abc", "", "k", "-1", "0x1.8M", "1 M"])

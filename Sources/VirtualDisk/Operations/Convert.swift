@@ -42,29 +42,26 @@ public enum ConvertOperation {
         var chunk: UInt64 = 2 << 20
         // Compressed output: larger chunks give every core enough units per pass.
         if let c = compressor { chunk = max(c.compressionUnit, (8 << 20) / c.compressionUnit * c.compressionUnit) }
-        var buffer = [UInt8](repeating: 0, count: Int(chunk))
         var base = [UInt8](repeating: 0, count: targetBacking == nil ? 0 : Int(chunk))
-        var pos: UInt64 = 0
-        while pos < size {
-            let len = min(chunk, size - pos)
-            // Clipped to the chunk: a source must not make us index past the buffer.
-            let extents = try source.extents(at: pos, length: len).compactMap { e -> Extent? in
-                let a = max(e.offset, pos), b = min(e.end, pos + len)
-                guard a < b else { return nil }
-                var c = e
-                c.offset = a
-                c.length = b - a
-                return c
-            }
-            if let compressor {
-                if extents.contains(where: { $0.isData }) {
+        if let compressor {
+            var buffer = [UInt8](repeating: 0, count: Int(chunk))
+            var pos: UInt64 = 0
+            while pos < size {
+                let len = min(chunk, size - pos)
+                if try clippedExtents(source, pos, len).contains(where: { $0.isData }) {
                     try compressChunk(compressor, source, &buffer, at: pos, length: len)
                 }
                 pos += len
                 options.progress?(Double(pos) / Double(max(size, 1)))
-                continue
             }
-            for e in extents {
+            try target.flush()
+            return
+        }
+        // The source is read a chunk ahead on another thread while this one writes.
+        let ahead = ReadAhead(source: source, size: size, chunk: chunk)
+        defer { ahead.finish() }
+        while let c = try ahead.next() {
+            for e in c.extents {
                 if !e.isData {
                     // Reads as zero in the source.
                     if targetBacking != nil || options.existingTarget {
@@ -72,19 +69,26 @@ public enum ConvertOperation {
                     }
                     continue
                 }
-                let start = Int(e.offset - pos)
-                let n = Int(e.length)
-                try buffer.withUnsafeMutableBytes { buf in
-                    let part = UnsafeMutableRawBufferPointer(rebasing: buf[start..<(start + n)])
-                    try source.read(into: part, at: e.offset)
-                }
-                try writeSparse(target, targetBacking, buffer, chunkStart: pos, from: e.offset, length: e.length,
+                try writeSparse(target, targetBacking, c.buffer, chunkStart: c.pos, from: e.offset, length: e.length,
                                 sparse: options.sparseSize, existing: options.existingTarget, base: &base)
             }
-            pos += len
-            options.progress?(Double(pos) / Double(max(size, 1)))
+            options.progress?(Double(c.pos + c.length) / Double(max(size, 1)))
+            ahead.done(c)
         }
         try target.flush()
+    }
+
+    /// The source's extents over `pos ..< pos+len`, clipped to it: a source must not
+    /// make us index past the buffer.
+    static func clippedExtents(_ source: DiskImage, _ pos: UInt64, _ len: UInt64) throws -> [Extent] {
+        try source.extents(at: pos, length: len).compactMap { e -> Extent? in
+            let a = max(e.offset, pos), b = min(e.end, pos + len)
+            guard a < b else { return nil }
+            var c = e
+            c.offset = a
+            c.length = b - a
+            return c
+        }
     }
 
     private static func writeZeroRange(_ target: DiskImage, _ backing: DiskImage?, _ offset: UInt64, _ length: UInt64, _ base: inout [UInt8]) throws {
@@ -99,7 +103,7 @@ public enum ConvertOperation {
         }
     }
 
-    private static func writeSparse(_ target: DiskImage, _ backing: DiskImage?, _ buffer: [UInt8], chunkStart: UInt64,
+    private static func writeSparse(_ target: DiskImage, _ backing: DiskImage?, _ buffer: UnsafeRawBufferPointer, chunkStart: UInt64,
                                     from offset: UInt64, length: UInt64, sparse: UInt64, existing: Bool, base: inout [UInt8]) throws {
         let granule = max(sparse, 512)
         let start = Int(offset - chunkStart)
@@ -112,17 +116,17 @@ public enum ConvertOperation {
                 if inside > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: part[0..<inside]), at: offset) }
                 if inside < n { UnsafeMutableRawBufferPointer(rebasing: part[inside...]).initializeMemory(as: UInt8.self, repeating: 0) }
             }
-            try forEachRun(buffer, start, n, granule: Int(granule), differs: { a, b in !buffer[a..<b].elementsEqual(base[a..<b]) }) { a, b in
-                try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[a..<b]), at: chunkStart + UInt64(a)) }
+            try forEachRun(start, n, granule: Int(granule), differs: { a, b in !buffer[a..<b].elementsEqual(base[a..<b]) }) { a, b in
+                try target.write(UnsafeRawBufferPointer(rebasing: buffer[a..<b]), at: chunkStart + UInt64(a))
             }
             return
         }
         if sparse == 0 {
-            try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[start..<(start + Int(length))]), at: offset) }
+            try target.write(UnsafeRawBufferPointer(rebasing: buffer[start..<(start + Int(length))]), at: offset)
             return
         }
-        try forEachRun(buffer, start, Int(length), granule: Int(granule), differs: { a, b in !isZero(buffer, a, b) }) { a, b in
-            try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[a..<b]), at: chunkStart + UInt64(a)) }
+        try forEachRun(start, Int(length), granule: Int(granule), differs: { a, b in !ZeroScan.isAllZero(UnsafeRawBufferPointer(rebasing: buffer[a..<b])) }) { a, b in
+            try target.write(UnsafeRawBufferPointer(rebasing: buffer[a..<b]), at: chunkStart + UInt64(a))
         } zeroRun: { a, b in
             if existing { try target.writeZeroes(at: chunkStart + UInt64(a), length: UInt64(b - a), mayUnmap: true) }
         }
@@ -130,7 +134,7 @@ public enum ConvertOperation {
 
     /// Split `start..<start+n` into granules; call `write` for maximal runs of granules
     /// where `differs` holds, and `zeroRun` for the others.
-    private static func forEachRun(_ buffer: [UInt8], _ start: Int, _ n: Int, granule: Int,
+    private static func forEachRun(_ start: Int, _ n: Int, granule: Int,
                                    differs: (Int, Int) -> Bool, write: (Int, Int) throws -> Void,
                                    zeroRun: (Int, Int) throws -> Void = { _, _ in }) throws {
         var runStart = start
@@ -150,25 +154,13 @@ public enum ConvertOperation {
         if let w = runWrites { if w { try write(runStart, end) } else { try zeroRun(runStart, end) } }
     }
 
-    static func isZero(_ b: [UInt8], _ from: Int, _ to: Int) -> Bool {
-        b.withUnsafeBytes { raw in
-            var i = from
-            while i + 8 <= to {
-                if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
-                i += 8
-            }
-            while i < to { if raw[i] != 0 { return false }; i += 1 }
-            return true
-        }
-    }
-
     /// Compress a whole chunk: its units are compressed in parallel (one task per core),
     /// then stored in guest order. All-zero units are left unallocated.
     private static func compressChunk(_ c: CompressingLayer, _ source: DiskImage, _ buffer: inout [UInt8],
                                       at pos: UInt64, length len: UInt64) throws {
         let unit = Int(c.compressionUnit)
         try buffer.withUnsafeMutableBytes { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<Int(len)]), at: pos) }
-        let units = stride(from: 0, to: Int(len), by: unit).map { $0..<min($0 + unit, Int(len)) }.filter { !isZero(buffer, $0.lowerBound, $0.upperBound) }
+        let units = stride(from: 0, to: Int(len), by: unit).map { $0..<min($0 + unit, Int(len)) }.filter { r in buffer.withUnsafeBytes { !ZeroScan.isAllZero(UnsafeRawBufferPointer(rebasing: $0[r])) } }
         guard !units.isEmpty else { return }
         let packed = PackedUnits(count: units.count)
         let input = buffer  // shared, not copied: nothing writes `buffer` during the pass
@@ -199,4 +191,75 @@ private final class PackedUnits: @unchecked Sendable {
     }
     func set(_ i: Int, _ v: [UInt8]?) { slots[i] = v }
     func get(_ i: Int) -> [UInt8]? { slots[i] }
+}
+
+/// The source of a convert, read one chunk ahead of the writer on a thread of its own:
+/// its extents, and its data where there is any. Two chunk buffers take turns.
+private final class ReadAhead: @unchecked Sendable {
+    struct Chunk {
+        let pos: UInt64
+        let length: UInt64
+        let extents: [Extent]
+        let buffer: UnsafeRawBufferPointer
+    }
+
+    // Safe: a slot's buffer is written by the reader only after taking it from `free`
+    // and before passing it on through `ready`; the writer reads it only after taking
+    // it from `ready`, until it hands it back (`done`). `ready` and `stopped` are
+    // guarded by `lock`.
+    private let buffers: [UnsafeMutableRawBufferPointer]
+    private let free = DispatchSemaphore(value: 2)
+    private let filled = DispatchSemaphore(value: 0)
+    private let lock = Lock()
+    private var ready: [Result<Chunk, Error>?] = []
+    private var stopped = false
+    private let finished = DispatchSemaphore(value: 0)
+
+    init(source: DiskImage, size: UInt64, chunk: UInt64) {
+        buffers = (0..<2).map { _ in .allocate(byteCount: Int(chunk), alignment: 4096) }
+        DispatchQueue(label: "vloop.convert.read-ahead").async { [self] in
+            defer { finished.signal() }
+            var pos: UInt64 = 0
+            var slot = 0
+            while pos < size {
+                free.wait()
+                if lock.run({ stopped }) { return }
+                let len = min(chunk, size - pos)
+                let result = Result<Chunk, Error> {
+                    let extents = try ConvertOperation.clippedExtents(source, pos, len)
+                    for e in extents where e.isData {
+                        let start = Int(e.offset - pos)
+                        try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot][start..<(start + Int(e.length))]), at: e.offset)
+                    }
+                    return Chunk(pos: pos, length: len, extents: extents, buffer: UnsafeRawBufferPointer(buffers[slot]))
+                }
+                lock.run { ready.append(result) }
+                filled.signal()
+                if case .failure = result { return }
+                pos += len
+                slot ^= 1
+            }
+            lock.run { ready.append(nil) }
+            filled.signal()
+        }
+    }
+
+    /// The next chunk in order; nil after the last.
+    func next() throws -> Chunk? {
+        filled.wait()
+        return try lock.run { ready.removeFirst() }?.get()
+    }
+
+    /// The writer is done with `chunk`'s buffer.
+    func done(_ chunk: Chunk) { free.signal() }
+
+    /// Stop reading (after the last chunk, or when the writer failed) and wait for the
+    /// reader to be gone before the buffers go.
+    func finish() {
+        lock.run { stopped = true }
+        free.signal()
+        free.signal()
+        finished.wait()
+        for b in buffers { b.deallocate() }
+    }
 }
