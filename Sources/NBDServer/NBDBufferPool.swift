@@ -10,14 +10,14 @@ import Synchronization
 ///
 /// Buffers come in size classes, a power of two plus room for a reply header (a 4 KiB
 /// read's buffer holds 4 KiB and its header), one free list per class, so taking and
-/// giving back cost the same however many are kept. At most `maxRetainedBytes` and
-/// `maxBuffers` are kept (enough for every connection's requests in flight under a
-/// copy with several connections); the rest are left to be freed.
+/// giving back cost the same however many are kept. At most `maxRetainedBytes` in all
+/// and `maxBuffers` of each class are kept (enough for every connection's requests in
+/// flight under a copy with several connections; a class full of small buffers from
+/// random reads does not keep large ones out); the rest are left to be freed.
 final class NBDBufferPool: Sendable {
     private struct Free {
         /// Index: the class's power of two.
         var classes = [[ByteBuffer]](repeating: [], count: 64)
-        var count = 0
         var bytes = 0
     }
 
@@ -28,7 +28,7 @@ final class NBDBufferPool: Sendable {
     /// The room above the power of two: a structured read reply's 28-byte header.
     static let headerRoom = 64
 
-    init(maxRetainedBytes: Int = 128 << 20, maxBuffers: Int = 512) {
+    init(maxRetainedBytes: Int = 128 << 20, maxBuffers: Int = 256) {
         self.maxRetainedBytes = maxRetainedBytes
         self.maxBuffers = maxBuffers
     }
@@ -57,7 +57,6 @@ final class NBDBufferPool: Sendable {
             // Removing it from the list leaves the caller the only reference, so
             // filling it does not copy.
             guard let b = state.classes[k].popLast() else { return nil }
-            state.count -= 1
             state.bytes -= b.capacity
             return b
         }
@@ -76,9 +75,8 @@ final class NBDBufferPool: Sendable {
         // The largest class the buffer fills completely.
         let k = Int.bitWidth - 1 - (size - Self.headerRoom).leadingZeroBitCount
         free.withLock { state in
-            guard state.count < maxBuffers, state.bytes + size <= maxRetainedBytes else { return }
+            guard state.classes[k].count < maxBuffers, state.bytes + size <= maxRetainedBytes else { return }
             state.classes[k].append(buffer)
-            state.count += 1
             state.bytes += size
         }
     }
