@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <linux/falloc.h>
 #include <sys/resource.h>
+#include <malloc.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
 #include <linux/magic.h>
@@ -153,3 +154,5 @@ int vl_fd_in_memory(int fd) {
     if (fstatfs(fd, &sf) != 0) return 0;
     return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }
+
+int vl_malloc_arenas(int n) { return mallopt(M_ARENA_MAX, n); }

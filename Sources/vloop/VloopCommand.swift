@@ -1,4 +1,5 @@
 import ArgumentParser
+import CVloop
 import VirtualDisk
 #if canImport(Glibc)
 import Glibc
@@ -12,6 +13,16 @@ struct Vloop: ParsableCommand {
         subcommands: [Attach.self, Detach.self, List.self, MountCommand.self, Umount.self, Info.self, Create.self, Convert.self, Check.self, Compare.self, MapCommand.self,
                       Commit.self, Rebase.self, Resize.self, Snapshot.self, Measure.self, Serve.self]
     )
+
+    static func main() {
+        // One malloc arena for all threads. Metadata pages are allocated and freed by
+        // whichever thread misses; with an arena per thread the freed pages stayed
+        // spread over many arenas, and serving random reads across a 64 TiB VHDX with
+        // a 32 MiB cache peaked at 82 MiB RSS against 65 MiB with one (random-read
+        // IOPS through serve and attach measured the same either way).
+        _ = vl_malloc_arenas(1)
+        main(nil)
+    }
 
     /// Run a subcommand body, turning engine errors into one line on stderr and an exit code.
     static func guarded(exitCode: Int32 = 1, _ body: () throws -> Void) throws {

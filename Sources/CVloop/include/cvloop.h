@@ -46,6 +46,8 @@ long vl_pread_nowait(int fd, void *buf, size_t len, int64_t off);
    or NULL. */
 void *vl_lookup_current(void);
 void vl_lookup_set_current(void *lock);
+/* mallopt(M_ARENA_MAX, n): at most n malloc arenas for all threads. */
+int vl_malloc_arenas(int n);
 /* 1 if the file lives in memory (tmpfs, ramfs): reading it never waits for a device. */
 int vl_fd_in_memory(int fd);
 #endif

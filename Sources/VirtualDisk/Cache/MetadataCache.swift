@@ -126,6 +126,9 @@ public final class MetadataCache: Sendable {
             return p
         }
         if page == nil {
+            // Inside NonBlocking.attempt a miss is left to a thread that may wait: the
+            // event loop allocates no pages (and lookups that miss are rare once warm).
+            try NonBlocking.check()
             // In a lookup, the owner's lock is let go while the page is read.
             let bytes = try MetadataLock.currentLookup?.loadUnlocked(load) ?? load()
             page = state.withLock { s in
