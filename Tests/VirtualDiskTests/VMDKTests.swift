@@ -209,7 +209,9 @@ struct VMDKTests {
 
         // vloop writes; qemu must find the image clean and equal to our view.
         if size < 64 << 20 {
-            var model = try readAll(try openRO(path))
+            let reader = try openRO(path)
+            var model = try readAll(reader)
+            try reader.close()  // its shared lock would refuse the writer below
             let rw = try openRW(path)
             try randomWrites(rw, &model, count: 30, maxLength: 200_000, &rng)
             try rw.writeZeroes(at: 1024, length: 70_000, mayUnmap: true)
@@ -411,7 +413,9 @@ struct VMDKTests {
         try img.close()
         #expect(try readFile(parentPath) == parentFile, "the parent file changed")
         try VMDKPeer.qemuAgrees(child, try VMDKPeer.writeModel(model, dir), dir)
-        let extents = try openRO(child).extents(at: 0, length: UInt64(size))
+        let reader = try openRO(child)
+        let extents = try reader.extents(at: 0, length: UInt64(size))
+        try reader.close()  // it holds the parent's shared lock, which the writer below needs gone
         #expect(extents.contains { $0.depth == 1 })
 
         // Writing to the parent gives it a new CID: the child no longer trusts it.
