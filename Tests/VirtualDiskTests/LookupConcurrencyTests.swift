@@ -61,6 +61,34 @@ struct LookupConcurrencyTests {
         #expect(v == 7 && once.value == 1)
     }
 
+    @Test("a lookup that changes keep restarting loads its page with the lock held after a few tries, and finishes")
+    func restartsAreBounded() throws {
+        let cache = MetadataCache(budget: 1 << 20)
+        let lock = MetadataLock()
+        let owner = MetadataCache.newOwner()
+        let loads = Box(0), changesGotIn = Box(0), inTime = Box(0)
+        let changes = Box<[DispatchSemaphore]>([])
+        // Every page read lets a change in on another thread, if it can get the lock.
+        let v = try lock.lookup {
+            try cache.withPage(owner: owner, offset: 0, load: {
+                loads.value += 1
+                let change = spawn {
+                    lock.run {}
+                    changesGotIn.value += 1
+                }
+                changes.value.append(change)
+                if change.wait(timeout: .now() + 3) == .success { inTime.value += 1 }
+                return [5]
+            }) { $0.bytes[0] }
+        }
+        #expect(v == 5)
+        #expect(loads.value == MetadataLock.maxRestarts + 1, "\(loads.value) page reads")
+        // The last read held the lock: its change got in only after the lookup.
+        #expect(inTime.value == MetadataLock.maxRestarts)
+        #expect(changes.value.last?.wait(timeout: .now() + 10) == .success)
+        #expect(changesGotIn.value == MetadataLock.maxRestarts + 1)
+    }
+
     /// The first word of every L2 table in a qcow2 file: their host offsets, from the L1.
     func l2Offsets(_ path: String) throws -> [UInt64] {
         let bytes = try readFile(path)

@@ -90,29 +90,36 @@ final class MetadataLock: @unchecked Sendable {
         }
     }
 
+    /// A lookup that has started again this many times loads its pages with the lock
+    /// held, as a change does: under a steady stream of changes it would otherwise
+    /// never finish.
+    static let maxRestarts = 8
+
     /// For lookups on the read path: see the type's comment, and `Lock.lookup` for
     /// how it behaves inside `NonBlocking.attempt`.
     func lookup<R>(_ body: () throws -> R) throws -> R {
         let me = Unmanaged.passUnretained(self).toOpaque()
+        var restarts = 0
         while true {
             do {
                 return try lock.lookup {
                     let outer = vl_lookup_current()
-                    vl_lookup_set_current(me)
+                    vl_lookup_set_current(restarts < Self.maxRestarts ? me : nil)
                     defer { vl_lookup_set_current(outer) }
                     return try body()
                 }
             } catch is Restart {
-                continue
+                restarts += 1
             }
         }
     }
 
     /// On a cache miss: the lookup section this thread is in, if the page is its own
-    /// to load (not inside a change, not inside a `NonBlocking` attempt, whose reads
-    /// come from memory and are quick).
+    /// to load (not inside a change, nor a lookup that has restarted too often).
+    /// `MetadataCache.withPage` gives up on a miss inside `NonBlocking.attempt` before
+    /// it asks.
     static var currentLookup: MetadataLock? {
-        guard !NonBlocking.active, let p = vl_lookup_current() else { return nil }
+        guard let p = vl_lookup_current() else { return nil }
         return Unmanaged<MetadataLock>.fromOpaque(p).takeUnretainedValue()
     }
 
