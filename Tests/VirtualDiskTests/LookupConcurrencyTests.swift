@@ -123,4 +123,45 @@ struct LookupConcurrencyTests {
         let most = SlowDisk.mostAtOnce(l2Reads)
         #expect(most >= 2, "the disk saw the \(regions.count) L2 tables read one at a time")
     }
+
+    @Test("the first allocation in a full qcow2 looks for a free cluster without holding up reads elsewhere",
+          .enabled(if: haveSlowDiskTools))
+    func freeClusterScanLetsReadsThrough() throws {
+        let dir = TempDir()
+        // 4 KiB clusters, 64-bit refcounts: 512 refcounts per block, so the preallocated
+        // 256 MiB hold about 130 refcount blocks. The 1 MiB the resize adds is
+        // unallocated; qemu's write there takes the one free cluster below the end (and
+        // one at the end), so after it every cluster in the file is in use.
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=64,preallocation=metadata",
+                "disk.qcow2", "256M"], cwd: dir.path)
+        try sh(["qemu-img", "resize", "-q", "-f", "qcow2", "disk.qcow2", "257M"], cwd: dir.path)
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4k", "-c", "write 256M 4k", "disk.qcow2"], cwd: dir.path)
+        // An NBD export cannot grow: room at the end of the file, free clusters past
+        // every refcount block in use.
+        try sh(["truncate", "-s", "+1M", "disk.qcow2"], cwd: dir.path)
+        let disk = try SlowDisk(in: dir, nbdkit: ["--filter=delay", "file", "file=\(dir.file("disk.qcow2"))", "rdelay=20ms"],
+                                readOnly: false)
+        try disk.noReadAhead()
+        let image = try openRW(disk.path, format: .qcow2)
+        defer { try? image.close() }
+        let started = try disk.reads().count
+        // After opening, vloop looks for free clusters from the start of the file.
+        let writer = spawn {
+            do { try image.write([1, 2, 3], at: (256 << 20) + 65536) } catch { Issue.record("write: \(error)") }
+        }
+        // Once the writer is well into the refcount blocks, read elsewhere.
+        var waited = 0
+        while try disk.reads().count < started + 20 && waited < 1000 { usleep(10_000); waited += 1 }
+        let reader = spawn {
+            #expect((try? image.read(at: 0, count: 4096)) == [UInt8](repeating: 0x5a, count: 4096))
+        }
+        #expect(reader.wait(timeout: .now() + 60) == .success)
+        let atRead = try disk.reads().count
+        #expect(writer.wait(timeout: .now() + 60) == .success)
+        let total = try disk.reads().count
+        // The scan reads every refcount block; most of those reads came after the read.
+        #expect(total - started > 100, "the writer read \(total - started) pages")
+        #expect(total - atRead > 50, "the read waited for the scan: \(total - atRead) of \(total - started) reads came after it")
+        #expect(try image.read(at: (256 << 20) + 65536, count: 3) == [1, 2, 3])
+    }
 }

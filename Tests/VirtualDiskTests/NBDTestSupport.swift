@@ -76,6 +76,16 @@ final class SlowDisk {
         }
     }
 
+    /// Turn off the kernel's read-ahead on the mount, so every page a reader misses is
+    /// one slow read of its own, as on a disk without a cache in front.
+    func noReadAhead() throws {
+        var st = stat()
+        guard stat(mount, &st) == 0 else { throw TestFailure("stat \(mount): \(errno)") }
+        let dev = UInt64(st.st_dev)
+        let bdi = "/sys/class/bdi/\((dev >> 8) & 0xfff):\((dev & 0xff) | ((dev >> 12) & 0xfff00))/read_ahead_kb"
+        try "0".write(toFile: bdi, atomically: false, encoding: .utf8)
+    }
+
     deinit {
         Self.unmount(mount, fuse)
         Self.stop(nbdkit)

@@ -2,7 +2,7 @@
 ///
 /// Refcount entries are `refcount_bits` wide, packed big-endian; entries narrower than
 /// a byte are packed from the least significant bit, as qemu does. All methods run
-/// under `lock`.
+/// under `lock`, except `advanceFreeHint`, which takes it.
 extension QCOW2Layer {
     var refcountsPerBlock: UInt64 { clusterSize * 8 / header.refcountBits }
     var refcountTableEntries: UInt64 { UInt64(header.refcountTableClusters) * clusterSize / 8 }
@@ -107,23 +107,76 @@ extension QCOW2Layer {
         for k in 0..<oldClusters { try setRefcount(cluster: oldOffset / clusterSize + k, 0) }
     }
 
-    /// Allocate one cluster with refcount 1: the first free one at or after the hint,
-    /// else a new one at the end of the file.
-    func allocateCluster() throws -> UInt64 {
-        var c = freeHint
-        while c < endCluster {
-            if try refcount(cluster: c) == 0 { break }
-            c += 1
+    /// Move `freeHint` up to the first free cluster (or the end of the file) before an
+    /// allocation takes the lock for a change. After opening, the hint is 0 and the
+    /// first free cluster may lie many refcount blocks on, in a large image; scanned
+    /// under `run`, every read of the image would wait for all of them to load. Here each
+    /// refcount block is scanned in a lookup section of its own: it is loaded with the
+    /// lock let go and the lock is given up between blocks. The hint only ever passes
+    /// clusters seen in use under the lock (a change that frees one lower moves it back
+    /// down), so moving it here is as safe as in `allocateCluster`, which finishes the
+    /// job under the lock. Call it under `allocLock`, without `lock`.
+    func advanceFreeHint() throws {
+        var more = true
+        while more {
+            more = try lock.lookup { () throws -> Bool in
+                let c = freeHint
+                let block = c / refcountsPerBlock
+                guard c < endCluster, block < refcountTableEntries else { return false }
+                let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
+                if blockOffset == 0 { return false }
+                let first = c % refcountsPerBlock
+                let free: UInt64? = try cache.withPage(owner: owner, offset: blockOffset,
+                                                       load: { try file.read(at: blockOffset, count: Int(clusterSize)) }) { p in
+                    var i = first
+                    while i < refcountsPerBlock {
+                        if Self.getRefcount(p.bytes, i, header.refcountOrder) == 0 { return i }
+                        i += 1
+                    }
+                    return nil
+                }
+                if let i = free {
+                    freeHint = block * refcountsPerBlock + i
+                    return false
+                }
+                freeHint = (block + 1) * refcountsPerBlock
+                return true
+            }
         }
-        if c >= endCluster {
+        // The refcount block the next cluster at the end goes into, too.
+        _ = try lock.lookup { try refcount(cluster: endCluster) }
+    }
+
+    /// Allocate one cluster with refcount 1: the first free one at or after the hint
+    /// within the hint's refcount block, else a new one at the end of the file. Free
+    /// clusters further on are left for `advanceFreeHint` to find before the next
+    /// allocation: a change scans at most one refcount block, so it holds the lock for
+    /// one page read at most.
+    func allocateCluster() throws -> UInt64 {
+        let c: UInt64
+        if let free = try freeClusterInHintBlock() {
+            c = free
+            freeHint = c + 1
+        } else {
             c = endCluster
             endCluster += 1
+            if freeHint >= c { freeHint = endCluster }
         }
-        freeHint = c + 1
         try setRefcount(cluster: c, 1)
         let offset = c * clusterSize
         cache.invalidate(owner: owner, offset: offset)
         return offset
+    }
+
+    /// The first free cluster below the end of the file from `freeHint` to the end of
+    /// its refcount block, moving the hint past the clusters in use. Runs under `lock`.
+    func freeClusterInHintBlock() throws -> UInt64? {
+        let blockEnd = min(endCluster, (freeHint / refcountsPerBlock + 1) * refcountsPerBlock)
+        while freeHint < blockEnd {
+            if try refcount(cluster: freeHint) == 0 { return freeHint }
+            freeHint += 1
+        }
+        return nil
     }
 
     /// Allocate `n` contiguous clusters at the end of the file.

@@ -41,6 +41,7 @@ extension QCOW2Layer {
     private func writeFreshRun(_ data: UnsafeRawBufferPointer, from start: Int, at pos: UInt64, end: UInt64) throws -> UInt64 {
         let first = pos / clusterSize
         let maxClusters = min((end - pos) / clusterSize, 512)
+        try advanceFreeHint()
         let (count, host): (UInt64, UInt64) = try lock.run {
             var n: UInt64 = 0
             while n < maxClusters {
@@ -50,9 +51,8 @@ extension QCOW2Layer {
             }
             guard n > 0 else { return (0, 0) }
             // Reuse freed clusters first (the one-by-one path does); append only when
-            // nothing below the end of the file is free.
-            while freeHint < endCluster, try refcount(cluster: freeHint) != 0 { freeHint += 1 }
-            guard freeHint >= endCluster else { return (0, 0) }
+            // nothing below the end of the file is free (`advanceFreeHint` has looked).
+            guard try freeClusterInHintBlock() == nil, freeHint >= endCluster else { return (0, 0) }
             let h = try allocateContiguous(n)
             freeHint = endCluster
             for k in 0..<n { cache.invalidate(owner: owner, offset: h + k * clusterSize) }
@@ -177,6 +177,7 @@ extension QCOW2Layer {
         } else if externalData {
             host = clusterStart
         } else {
+            try advanceFreeHint()
             host = try lock.run { try allocateCluster() }
         }
         try dataFile.write(buffer, at: host + (spanStart - clusterStart))
