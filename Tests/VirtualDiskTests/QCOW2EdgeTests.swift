@@ -113,6 +113,34 @@ struct QCOW2EdgeTests {
         }
     }
 
+    @Test("a write into a cluster whose L2 entry points at metadata or past the end of the file is refused, the file untouched")
+    func inPlaceWritesStayInTheFile() throws {
+        let dir = TempDir()
+        let path = dir.file("w.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
+        let clean = try readFile(path)
+        func be64(_ o: Int) -> UInt64 { clean[o..<o + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+        let l1 = be64(40), refcountTable = be64(48)
+        let l2 = be64(Int(l1)) & 0x00ff_ffff_ffff_fe00
+        let copied: UInt64 = 1 << 63
+        let targets: [(String, UInt64)] = [("L1 table", l1), ("refcount table", refcountTable), ("end of the file", 1 << 40)]
+        for (what, host) in targets {
+            var b = clean
+            b.putBE64(host | copied, at: Int(l2))
+            try Data(b).write(to: URL(fileURLWithPath: path))
+            let img = try openRW(path)
+            do {
+                try img.write([UInt8](repeating: 0x22, count: 4096), at: 8192)
+                Issue.record("a write through an L2 entry pointing at the \(what) went through")
+            } catch let e as ImageError {
+                #expect(e.code == .corrupt && e.path == path && e.message.contains("check"), "\(what): \(e)")
+            }
+            try? img.close()
+            #expect(try readFile(path) == b, "the \(what) case changed the file")
+        }
+    }
+
     @Test("measure is an upper bound of what convert writes")
     func measure() throws {
         let dir = TempDir()

@@ -89,6 +89,7 @@ extension QCOW2Layer {
             } else {
                 guard e.raw & L2Entry.zeroFlag == 0, e.hostOffset != 0 || externalData else { break }
             }
+            try checkInPlaceTarget(e, guestCluster: c)
             let host = e.hostOffset + pos - c * clusterSize
             if let last = out.last, last.0 + last.2 == pos, last.1 + last.2 == host {
                 out[out.count - 1].2 += chunkEnd - pos
@@ -98,6 +99,32 @@ extension QCOW2Layer {
             pos = chunkEnd
         }
         return out
+    }
+
+    /// A cluster about to be written in place because its L2 entry says this image owns
+    /// it must lie inside the file, clear of the header, the active L1 table and the
+    /// refcount table. A corrupt or hostile entry pointing elsewhere would have guest
+    /// data overwrite metadata, or grow the file to wherever it points. (L2 tables and
+    /// refcount blocks, which may lie anywhere, are left to `vloop check`: finding them
+    /// would cost a lookup per write.) Runs under `lock`.
+    func checkInPlaceTarget(_ e: L2Entry, guestCluster c: UInt64) throws {
+        if externalData { return }
+        let host = e.hostOffset, end = e.hostOffset + clusterSize
+        func overlaps(_ start: UInt64, _ length: UInt64) -> Bool { host < start + length && start < end }
+        let problem: String
+        if host < clusterSize {
+            problem = "the header"
+        } else if end > endCluster * clusterSize {
+            problem = "a cluster past the end of the file (\(endCluster * clusterSize) bytes)"
+        } else if overlaps(header.l1TableOffset, UInt64(header.l1Size) * 8) {
+            problem = "the L1 table"
+        } else if overlaps(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize) {
+            problem = "the refcount table"
+        } else {
+            return
+        }
+        throw ImageError(.corrupt, "the L2 entry of guest offset \(c * clusterSize) points at host offset \(host), \(problem); writing there would damage the image, so the write is refused; run 'vloop check -r all'",
+                         path: file.path, offset: host)
     }
 
     /// Fill `buffer` (guest bytes at `offset`, within one cluster with entry `e`) with what
@@ -134,6 +161,7 @@ extension QCOW2Layer {
         // Allocated here and referenced only by the active tables (with an external data
         // file, host offsets equal guest offsets and the copied flag marks allocation).
         let ownsCluster = !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData)
+        if ownsCluster { try lock.lookup { try checkInPlaceTarget(e, guestCluster: c) } }
         if ownsCluster && header.extendedL2 {
             return try writeOwnedUnits(data, at: pos, entry: e, below: below)
         }
