@@ -234,6 +234,8 @@ struct VMDKTests {
         if c.subformat != "monolithicFlat" && c.subformat != "twoGbMaxExtentFlat" {
             try sh(["qemu-img", "check", "-f", "vmdk", path], cwd: dir.path)
         }
+        let report = try checkImage(path, format: .vmdk)
+        #expect(report.exitCode == 0 && report.corruptions.isEmpty && report.leaks == 0, "\(report)")
     }
 
     @Test("VMDKs vloop creates and writes read the same in qemu-img and libvmdk; qemu's writes into them read the same in vloop",
@@ -260,6 +262,8 @@ struct VMDKTests {
         try img.close()
         #expect(try sh(["qemu-img", "info", "-f", "vmdk", path]).out.contains("virtual size"))
         if !c.subformat.hasSuffix("Flat") { try sh(["qemu-img", "check", "-f", "vmdk", path], cwd: dir.path) }
+        let report = try checkImage(path, format: .vmdk)
+        #expect(report.exitCode == 0 && report.corruptions.isEmpty && report.leaks == 0, "\(report)")
         try VMDKPeer.qemuAgrees(path, view, dir)
         if let size = try VMDKPeer.vmdkinfoSize(path) { #expect(size == c.size, "vmdkinfo reads another media size") }
         if c.subformat.hasPrefix("twoGb") {
@@ -540,5 +544,116 @@ struct VMDKTests {
         try img.close()
         try VMDKPeer.qemuAgrees(path, try VMDKPeer.writeModel(model, dir), dir)
         try sh(["qemu-img", "check", "-f", "vmdk", path])
+    }
+
+    // MARK: check
+
+    /// Little-endian fields of a file, read and patched in place.
+    struct FileFields {
+        let path: String
+        func le32(_ at: UInt64) throws -> UInt64 { UInt64(ByteReader(try HostFile(path: path, writable: false).read(at: at, count: 4)).le32(0)) }
+        func le64(_ at: UInt64) throws -> UInt64 { ByteReader(try HostFile(path: path, writable: false).read(at: at, count: 8)).le64(0) }
+        func set32(_ at: UInt64, _ v: UInt64) throws {
+            var b = [UInt8](repeating: 0, count: 4)
+            b.putLE32(UInt32(v), at: 0)
+            let f = try HostFile(path: path, writable: true)
+            try f.write(b, at: at)
+        }
+        /// Byte offset of the entry for grain `g` in the first grain table of the primary
+        /// (or redundant) directory, the header at `headerAt`.
+        func gte(_ g: UInt64, redundant: Bool = false, headerAt: UInt64 = 0) throws -> UInt64 {
+            let gd = try le64(headerAt + (redundant ? 48 : 56)) * 512
+            return try le32(gd) * 512 + g * 4
+        }
+    }
+
+    @Test("check: qemu-made sparse images are clean; leaks, shared grains, grains past the end and a stale redundant table are found; -r repairs leaks and the redundant copy")
+    func checkFindsAndRepairs() throws {
+        let dir = TempDir()
+        let clean = dir.file("clean.vmdk")
+        try sh(["qemu-img", "create", "-q", "-f", "vmdk", clean, "8M"])
+        try sh(["qemu-io", "-f", "vmdk", "-c", "write -P 1 0 64k", "-c", "write -P 2 64k 64k", "-c", "write -P 3 128k 64k", clean])
+        let good = try checkImage(clean, format: .vmdk)
+        #expect(good.exitCode == 0 && good.leaks == 0 && good.corruptions.isEmpty && good.allocatedClusters == 3, "\(good)")
+        let bytes = try readFile(clean)
+        var model = [UInt8](repeating: 0, count: 8 << 20)
+        for (k, v) in [(0, 1), (1, 2), (2, 3)] { for j in 0..<65536 { model[k * 65536 + j] = UInt8(v) } }
+        func fresh(_ name: String) throws -> (String, FileFields) {
+            let path = dir.file(name)
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+            return (path, FileFields(path: path))
+        }
+
+        // A grain no table references in the middle of the file (a crash between the
+        // grain and its table entry): a leak; -r leaks punches it out.
+        let (mid, midF) = try fresh("mid.vmdk")
+        try midF.set32(try midF.gte(1), 0)
+        try midF.set32(try midF.gte(1, redundant: true), 0)
+        let midReport = try checkImage(mid, format: .vmdk)
+        #expect(midReport.leaks == 1 && midReport.exitCode == 3, "\(midReport)")
+        #expect(try checkImage(mid, format: .vmdk, repair: .leaks).repairedLeaks == 1)
+        #expect(try checkImage(mid, format: .vmdk).exitCode == 0)
+        var midModel = model
+        for j in 65536..<131072 { midModel[j] = 0 }
+        try VMDKPeer.qemuAgrees(mid, try VMDKPeer.writeModel(midModel, dir), dir)
+
+        // Data past the last grain: the file shrinks back.
+        let (tail, _) = try fresh("tail.vmdk")
+        let h = FileHandle(forWritingAtPath: tail)!
+        h.seekToEndOfFile()
+        h.write(Data(repeating: 0x55, count: 65536))
+        h.closeFile()
+        #expect(try checkImage(tail, format: .vmdk).leaks == 1)
+        #expect(try checkImage(tail, format: .vmdk, repair: .leaks).repairedLeaks == 1)
+        #expect(try readFile(tail).count == bytes.count)
+        #expect(try checkImage(tail, format: .vmdk).exitCode == 0)
+        try VMDKPeer.qemuAgrees(tail, try VMDKPeer.writeModel(model, dir), dir)
+        try sh(["qemu-img", "check", "-f", "vmdk", tail])
+
+        // Two entries naming one grain, and one past the end of the file: corruption,
+        // not repaired.
+        let (bad, badF) = try fresh("bad.vmdk")
+        for redundant in [false, true] {
+            try badF.set32(try badF.gte(1, redundant: redundant), try badF.le32(try badF.gte(0, redundant: redundant)))
+            try badF.set32(try badF.gte(2, redundant: redundant), 0x7fff_0000)
+        }
+        let badReport = try checkImage(bad, format: .vmdk, repair: .all)
+        #expect(badReport.exitCode == 2, "\(badReport)")
+        #expect(badReport.corruptions.contains { $0.contains("grain 1") && $0.contains("overlaps") }, "\(badReport.corruptions)")
+        #expect(badReport.corruptions.contains { $0.contains("grain 2") && $0.contains("past the end of the file") }, "\(badReport.corruptions)")
+
+        // The redundant table says otherwise: -r all rewrites it from the primary.
+        let (stale, staleF) = try fresh("stale.vmdk")
+        let redundantEntry = try staleF.gte(0, redundant: true)
+        try staleF.set32(redundantEntry, 0)
+        let staleReport = try checkImage(stale, format: .vmdk)
+        #expect(staleReport.exitCode == 2 && staleReport.corruptions.contains { $0.contains("redundant copy") }, "\(staleReport)")
+        let fixed = try checkImage(stale, format: .vmdk, repair: .all)
+        #expect(fixed.repairedCorruptions == 1 && fixed.exitCode == 0, "\(fixed)")
+        #expect(try staleF.le32(redundantEntry) == (try staleF.le32(try staleF.gte(0))))
+        #expect(try checkImage(stale, format: .vmdk).exitCode == 0)
+        try VMDKPeer.qemuAgrees(stale, try VMDKPeer.writeModel(model, dir), dir)
+    }
+
+    @Test("check of a stream-optimized image: grain markers must name their own grain")
+    func checkStreamMarkers() throws {
+        let dir = TempDir()
+        var src = [UInt8](repeating: 0, count: 1 << 20)
+        for j in 0..<65536 { src[j] = 0x41; src[65536 + j] = UInt8(j & 0xff) }
+        let raw = try VMDKPeer.writeModel(src, dir)
+        let path = dir.file("s.vmdk")
+        try sh(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, path])
+        let ok = try checkImage(path, format: .vmdk)
+        #expect(ok.exitCode == 0 && ok.allocatedClusters == 2, "\(ok)")
+        // With the directory at the end (GD_AT_END in the header), the footer, 1024
+        // bytes before the end, says where it is.
+        let f = FileFields(path: path)
+        let footer = try f.le64(56) == UInt64.max ? UInt64(try readFile(path).count) - 1024 : 0
+        let e0 = try f.gte(0, headerAt: footer), e1 = try f.gte(1, headerAt: footer)
+        let (g0, g1) = (try f.le32(e0), try f.le32(e1))
+        try f.set32(e0, g1)
+        try f.set32(e1, g0)
+        let swapped = try checkImage(path, format: .vmdk)
+        #expect(swapped.exitCode == 2 && swapped.corruptions.filter { $0.contains("is marked as sector") }.count == 2, "\(swapped)")
     }
 }

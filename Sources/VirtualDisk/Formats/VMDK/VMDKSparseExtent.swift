@@ -253,7 +253,7 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
 
     // MARK: tables (call with `lock` held)
 
-    private func entry(_ bytes: [UInt8], _ o: Int) -> UInt64 {
+    func entry(_ bytes: [UInt8], _ o: Int) -> UInt64 {
         let r = ByteReader(bytes)
         return entrySize == 4 ? UInt64(r.le32(o)) : r.le64(o)
     }
