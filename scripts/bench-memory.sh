@@ -12,5 +12,5 @@ need=()
 for pkg in fio xfsprogs; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 if [ ${#need[@]} -gt 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; fi
 python3 -c "import numpy" 2>/dev/null || pip install -q numpy
-swift build -c release 2>&1 | tail -1
+swift build -c release --static-swift-stdlib 2>&1 | tail -1
 exec python3 scripts/bench_memory.py "${1:-20}"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-swift build -c release 2>&1 | tail -1
+swift build -c release --static-swift-stdlib 2>&1 | tail -1
 V="$PWD/.build/release/vloop"
 D=$(mktemp -d /tmp/vloop-demo.XXXXXX)
 cleanup() {
