@@ -151,7 +151,7 @@ extension QCOW2Layer {
     /// within the hint's refcount block, else a new one at the end of the file. Free
     /// clusters further on are left for `advanceFreeHint` to find before the next
     /// allocation: a change scans at most one refcount block, so it holds the lock for
-    /// one page read at most.
+    /// two page reads at most (the refcount table page and the block).
     func allocateCluster() throws -> UInt64 {
         let c: UInt64
         if let free = try freeClusterInHintBlock() {
@@ -169,13 +169,30 @@ extension QCOW2Layer {
     }
 
     /// The first free cluster below the end of the file from `freeHint` to the end of
-    /// its refcount block, moving the hint past the clusters in use. Runs under `lock`.
+    /// its refcount block, moving the hint past the clusters in use. Reads the refcount
+    /// table page and the block, at most. Runs under `lock`.
     func freeClusterInHintBlock() throws -> UInt64? {
-        let blockEnd = min(endCluster, (freeHint / refcountsPerBlock + 1) * refcountsPerBlock)
-        while freeHint < blockEnd {
-            if try refcount(cluster: freeHint) == 0 { return freeHint }
-            freeHint += 1
+        guard freeHint < endCluster else { return nil }
+        let block = freeHint / refcountsPerBlock
+        let blockEnd = min(endCluster, (block + 1) * refcountsPerBlock)
+        guard block < refcountTableEntries else { return freeHint }
+        let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
+        if blockOffset == 0 { return freeHint }
+        let first = freeHint % refcountsPerBlock, last = blockEnd - block * refcountsPerBlock
+        let free: UInt64? = try cache.withPage(owner: owner, offset: blockOffset,
+                                               load: { try file.read(at: blockOffset, count: Int(clusterSize)) }) { p in
+            var i = first
+            while i < last {
+                if Self.getRefcount(p.bytes, i, header.refcountOrder) == 0 { return i }
+                i += 1
+            }
+            return nil
         }
+        if let i = free {
+            freeHint = block * refcountsPerBlock + i
+            return freeHint
+        }
+        freeHint = blockEnd
         return nil
     }
 

@@ -15,8 +15,9 @@
 /// tables for each window, so memory stays bounded whatever the file's size.
 ///
 /// Repairs: `-r leaks` gives leaked space back (the file shrinks when the leak is at its
-/// end, holes are punched elsewhere); `-r all` also rewrites the redundant directory and
-/// tables from the primary ones, which are what every reader uses. Grains past the end
+/// end, holes are punched elsewhere); `-r all` also makes the redundant directory and
+/// tables copies of the primary ones, which are what every reader uses (a redundant
+/// table that differs gets a fresh copy at the end of the file). Grains past the end
 /// of the file or overlapping others are reported, not repaired: which data is right
 /// cannot be known.
 extension VMDKLayer: CheckableLayer {
@@ -48,8 +49,9 @@ extension VMDKSparseExtent {
     /// Problems listed one by one; past this many they are counted in one line.
     static let listedProblems = 1000
 
-    func check(repair: CheckRepair) throws -> CheckReport {
-        try allocLock.run { try lock.run { try checkLocked(repair: repair) } }
+    /// `window`: sectors per pass of the overlap check (smaller in tests).
+    func check(repair: CheckRepair, window: UInt64 = windowSectors) throws -> CheckReport {
+        try allocLock.run { try lock.run { try checkLocked(repair: repair, window: window) } }
     }
 
     private struct Problems {
@@ -78,7 +80,7 @@ extension VMDKSparseExtent {
         }
     }
 
-    func checkLocked(repair: CheckRepair) throws -> CheckReport {
+    func checkLocked(repair: CheckRepair, window: UInt64) throws -> CheckReport {
         let f = sparseFile
         let fixAll = repair == .all && canWrite
         let fixLeaks = repair != .none && canWrite
@@ -97,7 +99,6 @@ extension VMDKSparseExtent {
         // have a fixed size and the tables stay in place.
         let track = kind == .hosted && !compressed && !streamLayout
         let overheadEnd = (header?.overHead ?? 0) * 512
-        let window = Self.windowSectors
         var bits = [UInt64](repeating: 0, count: track ? Int((min(window, max(fileSectors, 1)) + 63) / 64) : 0)
         var windowStart: UInt64 = 0
         var allocated: UInt64 = 0
@@ -106,6 +107,8 @@ extension VMDKSparseExtent {
         /// A run of the file (bytes) that nothing references, still open at the end of
         /// a window: it may go on in the next.
         var gap: (start: UInt64, end: UInt64)?
+        /// Structures reported as overlapping, by offset (bounded; for straddlers).
+        var reported: Set<UInt64> = []
         func closeGap() {
             guard let (s, e) = gap else { return }
             gap = nil
@@ -116,7 +119,11 @@ extension VMDKSparseExtent {
                 problems.report.leakDetails.append("\(e - s) bytes at \(s) are referenced by no grain table (\(count) grain\(count == 1 ? "" : "s"))")
             }
             guard fixLeaks else { return }
-            if e == fileSize { tail = s } else { f.punchHole(at: s, length: e - s) }
+            if e == fileSize {
+                tail = s
+            } else if !f.punchHole(at: s, length: e - s) {
+                return  // the file system cannot give the space back
+            }
             fixedLeaks += count
         }
         repeat {
@@ -126,8 +133,9 @@ extension VMDKSparseExtent {
             /// Mark the sectors of `at ..< at+bytes` inside this window; a sector already
             /// marked means two structures share it.
             func mark(_ at: UInt64, _ bytes: UInt64, _ what: @autoclosure () -> String) {
-                guard track, bytes > 0 else { return }
-                let lo = max(at / 512, windowStart), hi = min((at + bytes + 511) / 512, windowEnd)
+                guard track, bytes > 0, at < fileSize else { return }
+                let end = min(fileSize, bytes > fileSize - at ? fileSize : at + bytes)
+                let lo = max(at / 512, windowStart), hi = min((end + 511) / 512, windowEnd)
                 guard lo < hi else { return }
                 var shared = false
                 for s in lo..<hi {
@@ -136,15 +144,24 @@ extension VMDKSparseExtent {
                     if bits[Int(k >> 6)] & bit != 0 { shared = true }
                     bits[Int(k >> 6)] |= bit
                 }
-                if shared { problems.add("\(what()) overlaps another grain or table") }
+                // Once per structure, though it may straddle windows.
+                if shared && !(windowStart > at / 512 && reported.contains(at)) {
+                    problems.add("\(what()) overlaps another grain or table")
+                    if reported.count < 1 << 16 { reported.insert(at) }
+                }
             }
             if let h = header, track {
                 mark(0, 512, "the header")
-                if h.descriptorOffset > 0 { mark(h.descriptorOffset * 512, h.descriptorSize * 512, "the embedded descriptor") }
+                let (at, o1) = h.descriptorOffset.multipliedReportingOverflow(by: 512)
+                let (size, o2) = h.descriptorSize.multipliedReportingOverflow(by: 512)
+                if h.descriptorOffset > 0 && !o1 && !o2 { mark(at, size, "the embedded descriptor") }
                 mark(gdOffset, gdBytes, "the grain directory")
                 if let r = rgdOffset { mark(r, gdBytes, "the redundant grain directory") }
             }
             for i in 0..<gdEntries {
+                if rgdOffset != nil, let r = try? gtLocation(i, redundant: true) {
+                    mark(r, gtBytes, "redundant grain table \(i) at offset \(r)")
+                }
                 let at: UInt64?
                 do {
                     at = try gtLocation(i)
@@ -154,9 +171,6 @@ extension VMDKSparseExtent {
                 }
                 guard let at else { continue }
                 mark(at, gtBytes, "grain table \(i) at offset \(at)")
-                if rgdOffset != nil, let r = try? gtLocation(i, redundant: true) {
-                    mark(r, gtBytes, "redundant grain table \(i) at offset \(r)")
-                }
                 let table = try withGT(i) { $0.bytes }
                 for k in 0..<gtEntries {
                     let g = i * gtEntries + k
@@ -252,8 +266,18 @@ extension VMDKSparseExtent {
     }
 
     /// The redundant directory and its tables must say what the primary ones say.
+    /// A redundant table that differs is never rewritten where it lies (a damaged or
+    /// hostile directory entry may point into a grain or another table): repair writes
+    /// a fresh copy at the end of the file and points the redundant entry at it; the old
+    /// space is then unreferenced, and given back as a leak where nothing else uses it.
     private func checkRedundantDirectory(_ problems: inout Problems, fix: Bool) throws {
         let f = sparseFile
+        /// A fresh redundant copy of table `i` at the end; the write-back fills it.
+        func recopy(_ i: UInt64) throws {
+            let copy = try reserveLocked(gtBytes.alignedUp(512))
+            try setGDEntry(i, copy / 512, redundant: true)
+            try withGT(i) { cache.markDirty($0, rank: Self.rankGT) }
+        }
         for i in 0..<gdEntries {
             let primary = try gdEntry(i), redundant = try gdEntry(i, redundant: true)
             let p: UInt64?, r: UInt64?
@@ -261,14 +285,7 @@ extension VMDKSparseExtent {
             do {
                 r = try gtLocation(i, redundant: true)
             } catch let e as ImageError {
-                if fix && p != nil {
-                    // A fresh copy at the end; the write-back fills it from the primary.
-                    let copy = try reserveLocked(gtBytes.alignedUp(512))
-                    try setGDEntry(i, copy / 512, redundant: true)
-                    try withGT(i) { cache.markDirty($0, rank: Self.rankGT) }
-                } else if fix {
-                    try setGDEntry(i, primary, redundant: true)
-                }
+                if fix { if p != nil { try recopy(i) } else { try setGDEntry(i, primary, redundant: true) } }
                 problems.add("redundant \(e.message)", repaired: fix)
                 continue
             }
@@ -282,16 +299,12 @@ extension VMDKSparseExtent {
                 if fix { try setGDEntry(i, primary, redundant: true) }
                 problems.add("grain directory entry \(i) has no grain table, its redundant copy has one", repaired: fix)
             case (.some, nil):
-                if fix {
-                    let copy = try reserveLocked(gtBytes.alignedUp(512))
-                    try setGDEntry(i, copy / 512, redundant: true)
-                    try withGT(i) { cache.markDirty($0, rank: Self.rankGT) }
-                }
+                if fix { try recopy(i) }
                 problems.add("grain table \(i) has no redundant copy", repaired: fix)
             case let (.some, .some(at)):
                 let mine = try withGT(i) { $0.bytes }
                 if try f.read(at: at, count: Int(gtBytes)) != mine {
-                    if fix { try withGT(i) { cache.markDirty($0, rank: Self.rankGT) } }
+                    if fix { try recopy(i) }
                     problems.add("grain table \(i) differs from its redundant copy at offset \(at)", repaired: fix)
                 }
             }
