@@ -20,7 +20,24 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout.strip()
 
 
+def settle(limit=30):
+    """Wait (up to `limit` s) until the CPUs are at least 90% idle over half a second:
+    kernel work a previous tool left behind (io_uring teardown after it exits, page
+    reclaim) would otherwise run during the next timed run and slow whichever tool
+    uses both cores most."""
+    def busy():
+        a = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        time.sleep(0.5)
+        b = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        d = [y - x for x, y in zip(a, b)]
+        return 1 - (d[3] + d[4]) / max(1, sum(d))
+    start = time.time()
+    while busy() > 0.1 and time.time() - start < limit:
+        pass
+
+
 def fio(target, rw, bs, qd, engine="libaio", extra=""):
+    settle()
     if engine == "nbd":
         tgt = f"--ioengine=nbd --uri={target}"
     else:
@@ -136,7 +153,7 @@ def main():
             port += 1
             with Served(kind, img, "qcow2", port) as s:
                 add("nbd", kind, "4k randread QD32 (kIOPS)", fio(s.uri, "randread", "4k", 32, engine="nbd")[1] / 1e3)
-                t = time.time(); sh(f"nbdcopy {s.uri} null:"); add("nbd", kind, "nbdcopy to null (MB/s)", SIZE_MB * 1.048576 / (time.time() - t))
+                settle(); t = time.time(); sh(f"nbdcopy {s.uri} null:"); add("nbd", kind, "nbdcopy to null (MB/s)", SIZE_MB * 1.048576 / (time.time() - t))
             port += 1
             w = fresh("qcow2", "nw")
             with Served(kind, w, "qcow2", port) as s:
@@ -153,7 +170,7 @@ def main():
                 # either tool, as the host takes freed pages back.
                 for timed in [False, True]:
                     if os.path.exists(o): os.unlink(o)
-                    sh("sync"); t = time.time()
+                    sh("sync"); settle(); t = time.time()
                     sh(f"{tool} convert {args} {src} {o}")
                     if timed: add("convert", kind, label, SIZE_MB * 1.048576 / (time.time() - t))
                 os.unlink(o)
@@ -190,7 +207,7 @@ def write_report(results, space):
              f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, kernel {platform.release()}, "
              f"{time.strftime('%Y-%m-%d')}. Images are {SIZE_MB} MiB (qcow2, vhdx, vmdk as qemu-img converts a file of random data into them), "
              f"files in tmpfs; each figure is the median of {RUNS} interleaved runs of {RUNTIME} s fio jobs "
-             "(libaio, O_DIRECT on the device) or whole-image copies. Ratios are vloop / peer.", ""]
+             "(libaio, O_DIRECT on the device) or whole-image copies, each started once the CPUs are 90% idle. Ratios are vloop / peer.", ""]
     titles = {"attach": "Block device: `vloop attach` vs qemu-storage-daemon FUSE export + loop, and a raw file on a loop device",
               "nbd": "NBD: `vloop serve` vs `qemu-nbd --cache=writeback` (fio nbd engine, nbdcopy)",
               "convert": "`vloop convert` vs `qemu-img convert` (each run twice in a row, the second timed)"}

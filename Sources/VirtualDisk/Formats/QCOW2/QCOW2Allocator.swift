@@ -119,29 +119,8 @@ extension QCOW2Layer {
     func advanceFreeHint() throws {
         var more = true
         while more {
-            more = try lock.lookup { () throws -> Bool in
-                let c = freeHint
-                let block = c / refcountsPerBlock
-                guard c < endCluster, block < refcountTableEntries else { return false }
-                let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
-                if blockOffset == 0 { return false }
-                let first = c % refcountsPerBlock
-                let free: UInt64? = try cache.withPage(owner: owner, offset: blockOffset,
-                                                       load: { try file.read(at: blockOffset, count: Int(clusterSize)) }) { p in
-                    var i = first
-                    while i < refcountsPerBlock {
-                        if Self.getRefcount(p.bytes, i, header.refcountOrder) == 0 { return i }
-                        i += 1
-                    }
-                    return nil
-                }
-                if let i = free {
-                    freeHint = block * refcountsPerBlock + i
-                    return false
-                }
-                freeHint = (block + 1) * refcountsPerBlock
-                return true
-            }
+            // One refcount block per section; on to the next while none is free.
+            more = try lock.lookup { try freeClusterInHintBlock() == nil && freeHint < endCluster }
         }
         // The refcount block the next cluster at the end goes into, too.
         _ = try lock.lookup { try refcount(cluster: endCluster) }
