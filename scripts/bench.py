@@ -20,11 +20,15 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout.strip()
 
 
-def settle(limit=30):
+SETTLE = {"waited": 0.0, "gave_up": 0}
+
+
+def settle(limit=180):
     """Wait (up to `limit` s) until the CPUs are at least 90% idle over half a second:
-    kernel work a previous tool left behind (io_uring teardown after it exits, page
-    reclaim) would otherwise run during the next timed run and slow whichever tool
-    uses both cores most."""
+    kernel work a previous tool left behind would otherwise run during the next timed
+    run and slow whichever tool uses both cores most. On this VM a kworker tearing
+    down the io_uring of an exited qemu process (qemu's main loop polls through
+    io_uring) was seen busy for tens of seconds."""
     def busy():
         a = [int(x) for x in open("/proc/stat").readline().split()[1:]]
         time.sleep(0.5)
@@ -32,8 +36,11 @@ def settle(limit=30):
         d = [y - x for x, y in zip(a, b)]
         return 1 - (d[3] + d[4]) / max(1, sum(d))
     start = time.time()
-    while busy() > 0.1 and time.time() - start < limit:
-        pass
+    while busy() > 0.1:
+        if time.time() - start >= limit:
+            SETTLE["gave_up"] += 1
+            break
+    SETTLE["waited"] += time.time() - start
 
 
 def fio(target, rw, bs, qd, engine="libaio", extra=""):
@@ -207,7 +214,8 @@ def write_report(results, space):
              f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, kernel {platform.release()}, "
              f"{time.strftime('%Y-%m-%d')}. Images are {SIZE_MB} MiB (qcow2, vhdx, vmdk as qemu-img converts a file of random data into them), "
              f"files in tmpfs; each figure is the median of {RUNS} interleaved runs of {RUNTIME} s fio jobs "
-             "(libaio, O_DIRECT on the device) or whole-image copies, each started once the CPUs are 90% idle. Ratios are vloop / peer.", ""]
+             "(libaio, O_DIRECT on the device) or whole-image copies, each started once the CPUs are 90% idle "
+             f"(waiting {SETTLE['waited']:.0f} s in all; {SETTLE['gave_up']} times not idle after 180 s). Ratios are vloop / peer.", ""]
     titles = {"attach": "Block device: `vloop attach` vs qemu-storage-daemon FUSE export + loop, and a raw file on a loop device",
               "nbd": "NBD: `vloop serve` vs `qemu-nbd --cache=writeback` (fio nbd engine, nbdcopy)",
               "convert": "`vloop convert` vs `qemu-img convert` (each run twice in a row, the second timed)"}
