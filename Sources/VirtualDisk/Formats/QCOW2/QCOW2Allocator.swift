@@ -120,10 +120,13 @@ extension QCOW2Layer {
         var more = true
         while more {
             // One refcount block per section; on to the next while none is free.
-            more = try lock.lookup { try freeClusterInHintBlock() == nil && freeHint < endCluster }
+            more = try lock.lookup {
+                if try freeClusterInHintBlock() == nil && freeHint < endCluster { return true }
+                // Done: load the refcount block the next cluster at the end goes into, too.
+                _ = try refcount(cluster: endCluster)
+                return false
+            }
         }
-        // The refcount block the next cluster at the end goes into, too.
-        _ = try lock.lookup { try refcount(cluster: endCluster) }
     }
 
     /// Allocate one cluster with refcount 1: the first free one at or after the hint

@@ -157,11 +157,15 @@ extension QCOW2Layer {
     private func writeAllocating(_ data: UnsafeRawBufferPointer, at pos: UInt64, below: BelowReader) throws {
         let c = pos / clusterSize
         let clusterStart = c * clusterSize
-        let e = try lock.lookup { try l2Entry(guestCluster: c) }
         // Allocated here and referenced only by the active tables (with an external data
         // file, host offsets equal guest offsets and the copied flag marks allocation).
-        let ownsCluster = !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData)
-        if ownsCluster { try lock.lookup { try checkInPlaceTarget(e, guestCluster: c) } }
+        func owns(_ e: L2Entry) -> Bool { !e.isCompressed && e.isCopied && (e.hostOffset != 0 || externalData) }
+        let e = try lock.lookup {
+            let e = try l2Entry(guestCluster: c)
+            if owns(e) { try checkInPlaceTarget(e, guestCluster: c) }
+            return e
+        }
+        let ownsCluster = owns(e)
         if ownsCluster && header.extendedL2 {
             return try writeOwnedUnits(data, at: pos, entry: e, below: below)
         }
