@@ -54,17 +54,15 @@ final class NBDBufferPool: Sendable {
     func take(capacity: Int) -> ByteBuffer {
         let k = Self.sizeClass(capacity)
         let reused: ByteBuffer? = free.withLock { state in
-            // Removing it from the list leaves the caller the only reference, so
-            // filling it does not copy.
-            guard let b = state.classes[k].popLast() else { return nil }
+            // Once off the list it has one reference, so clearing (and later filling)
+            // it does not copy; it must be cleared here, before the optional holding
+            // it adds a second.
+            guard var b = state.classes[k].popLast() else { return nil }
             state.bytes -= b.capacity
-            return b
-        }
-        if var b = reused {
             b.clear()
             return b
         }
-        return allocator.buffer(capacity: Self.allocation(capacity))
+        return reused ?? allocator.buffer(capacity: Self.allocation(capacity))
     }
 
     /// Give a buffer back once nothing else will read it. Buffers not made by `take`

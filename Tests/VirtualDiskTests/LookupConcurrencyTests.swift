@@ -32,18 +32,18 @@ struct LookupConcurrencyTests {
         // Lookup 1 misses and its read of the page stalls at the gate.
         let first = spawn {
             result.value = (try? lock.lookup {
-                try cache.withPage(owner: owner, offset: 0, load: {
+                try cache.withPage(owner: owner, offset: 0, count: 1, load: {
                     loads.value += 1
                     entered.signal()
                     gate.wait()
-                    return [UInt8(loads.value)]
+                    $0[0] = UInt8(loads.value)
                 }) { $0.bytes[0] }
             }) ?? 0
         }
         entered.wait()
         // Meanwhile another lookup (its own miss) and a change both get the lock.
         let second = spawn {
-            _ = try? lock.lookup { try cache.withPage(owner: owner, offset: 4096, load: { [9] }) { $0.bytes[0] } }
+            _ = try? lock.lookup { try cache.withPage(owner: owner, offset: 4096, count: 1, load: { $0[0] = 9 }) { $0.bytes[0] } }
             lock.run {}
         }
         let otherDone = second.wait(timeout: .now() + 10) == .success
@@ -57,7 +57,7 @@ struct LookupConcurrencyTests {
         #expect(result.value == 2)
         // Without a change meanwhile, one read is enough.
         let once = Box(0)
-        let v = try lock.lookup { try cache.withPage(owner: owner, offset: 8192, load: { once.value += 1; return [7] }) { $0.bytes[0] } }
+        let v = try lock.lookup { try cache.withPage(owner: owner, offset: 8192, count: 1, load: { once.value += 1; $0[0] = 7 }) { $0.bytes[0] } }
         #expect(v == 7 && once.value == 1)
     }
 
@@ -70,17 +70,17 @@ struct LookupConcurrencyTests {
         let changes = Box<[DispatchSemaphore]>([])
         // Every page read lets a change in on another thread, if it can get the lock.
         let v = try lock.lookup {
-            try cache.withPage(owner: owner, offset: 0, load: {
+            try cache.withPage(owner: owner, offset: 0, count: 1, load: {
+                $0[0] = 5
                 loads.value += 1
                 // Without a cap this would go on for ever: stop letting changes in.
-                if loads.value > 3 * MetadataLock.maxRestarts { return [5] }
+                if loads.value > 3 * MetadataLock.maxRestarts { return }
                 let change = spawn {
                     lock.run {}
                     changesGotIn.value += 1
                 }
                 changes.value.append(change)
                 if change.wait(timeout: .now() + 3) == .success { inTime.value += 1 }
-                return [5]
             }) { $0.bytes[0] }
         }
         #expect(v == 5)

@@ -390,6 +390,26 @@ struct NBDCodecTests {
         #expect(check(NBDRequest(flags: NBD.cmdFlagFastZero | NBD.cmdFlagNoHole, type: NBD.cmdWriteZeroes, cookie: 1, offset: 0, length: 4096), s) == nil)
     }
 
+    @Test("the buffer pool hands a recycled buffer out again, the same memory, not a copy")
+    func poolReusesBuffers() throws {
+        let pool = NBDBufferPool(maxRetainedBytes: 1 << 20, maxBuffers: 4)
+        func address(_ b: ByteBuffer) -> UInt { b.withVeryUnsafeBytes { UInt(bitPattern: $0.baseAddress) } }
+        var first = pool.take(capacity: 28 + 4096)
+        first.writeBytes([1, 2, 3])
+        let at = address(first)
+        pool.recycle(first)
+        first = ByteBuffer()
+        // The pool's reference moves to the caller: clearing it for reuse must not copy.
+        let again = pool.take(capacity: 28 + 4096)
+        #expect(address(again) == at, "the pool allocated a new buffer instead of reusing its free one")
+        #expect(again.readableBytes == 0 && again.capacity >= 28 + 4096)
+        #expect(pool.retainedBytes == 0)
+        // A different size class is not served from it.
+        pool.recycle(again)
+        let big = pool.take(capacity: 28 + 65536)
+        #expect(address(big) != at && big.capacity >= 28 + 65536 && pool.retainedBytes > 0)
+    }
+
     @Test("read, write, zero and block status against a real image produce the spec's replies")
     func execution() throws {
         let dir = TempDir()

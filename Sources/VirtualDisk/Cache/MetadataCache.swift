@@ -12,6 +12,11 @@ import Synchronization
 /// - A miss in an owner's lookup (`MetadataLock.lookup`) loads with the owner's lock
 ///   let go as well, so neither do other lookups in the same image wait for it; a
 ///   change to the owner's metadata meanwhile restarts the lookup.
+/// - A miss fills a buffer the cache hands out: the bytes of a page evicted a moment
+///   before when one of the same size is spare, else a fresh one. Serving random reads
+///   across a huge image evicts a page for every miss; reusing its buffer keeps the
+///   allocator from fragmenting under that churn, so the budget bounds the memory the
+///   pages really take.
 /// - Dirty pages are never evicted. The owner writes them back itself, in rank order
 ///   (`writeBack`), at flush or when `isOverBudget` says memory is tight. Rank encodes
 ///   the write-back order the format needs, e.g. for QCOW2: refcount blocks (0) before
@@ -50,6 +55,29 @@ public final class MetadataCache: Sendable {
         var hits: UInt64 = 0
         var misses: UInt64 = 0
         var peak = 0
+        /// Buffers of evicted pages, for the next misses to fill (see the type's comment).
+        var spares: [[UInt8]] = []
+        var spareBytes = 0
+        static let maxSpares = 8
+
+        /// Keep a removed page's buffer for reuse while the spares stay small: a few
+        /// buffers, and no more than 1/16 of the budget.
+        mutating func recycle(_ bytes: inout [UInt8]) {
+            guard spares.count < Self.maxSpares, spareBytes + bytes.count <= max(budget / 16, 64 << 10) else { return }
+            var b: [UInt8] = []
+            swap(&b, &bytes)
+            spareBytes += b.count
+            spares.append(b)
+        }
+        mutating func takeSpare(_ count: Int) -> [UInt8]? {
+            guard let i = spares.firstIndex(where: { $0.count == count }) else { return nil }
+            spareBytes -= count
+            spares.swapAt(i, spares.count - 1)
+            return spares.removeLast()
+        }
+        mutating func trimSpares() {
+            while spareBytes > max(budget / 16, 64 << 10), let b = spares.popLast() { spareBytes -= b.count }
+        }
 
         mutating func unlink(_ p: Page) {
             if let prev = p.prev { prev.next = p.next } else { head = p.next }
@@ -68,6 +96,7 @@ public final class MetadataCache: Sendable {
             unlink(p)
             pages[p.key] = nil
             used -= p.bytes.count
+            if p.pins == 0 { recycle(&p.bytes) }
         }
         /// Evict clean, unpinned pages from the cold end until within budget.
         mutating func evict() {
@@ -97,6 +126,7 @@ public final class MetadataCache: Sendable {
         state.withLock { s in
             s.budget = max(bytes, 64 << 10)
             s.evict()
+            s.trimSpares()
         }
     }
 
@@ -112,9 +142,11 @@ public final class MetadataCache: Sendable {
         state.withLock { Statistics(used: $0.used, peak: $0.peak, pages: $0.pages.count, hits: $0.hits, misses: $0.misses) }
     }
 
-    /// Run `body` with the page at `offset` pinned, loading it with `load` on a miss.
+    /// Run `body` with the page at `offset` pinned. On a miss, `load` fills a buffer of
+    /// `count` bytes with the page (any old contents must all be overwritten).
     /// The caller must hold its own lock (the owner's pages are its alone).
-    public func withPage<R>(owner: UInt64, offset: UInt64, load: () throws -> [UInt8],
+    public func withPage<R>(owner: UInt64, offset: UInt64, count: Int,
+                            load: (UnsafeMutableRawBufferPointer) throws -> Void,
                             _ body: (Page) throws -> R) throws -> R {
         let key = Key(owner: owner, offset: offset)
         var page: Page? = state.withLock { s in
@@ -129,18 +161,26 @@ public final class MetadataCache: Sendable {
             // Inside NonBlocking.attempt a miss is left to a thread that may wait: the
             // event loop allocates no pages (and lookups that miss are rare once warm).
             try NonBlocking.check()
+            var spare = state.withLock { $0.takeSpare(count) }
+            func fill() throws -> [UInt8] {
+                // Moved, not copied: a second reference would make the write copy it.
+                var b = spare.take() ?? [UInt8](repeating: 0, count: count)
+                try b.withUnsafeMutableBytes(load)
+                return b
+            }
             // In a lookup, the owner's lock is let go while the page is read.
-            let bytes = try MetadataLock.currentLookup?.loadUnlocked(load) ?? load()
+            var bytes = try MetadataLock.currentLookup?.loadUnlocked(fill) ?? fill()
             page = state.withLock { s in
                 if let existing = s.pages[key] {
                     existing.pins += 1
+                    s.recycle(&bytes)
                     return existing
                 }
                 let p = Page(key: key, bytes: bytes)
                 p.pins = 1
                 s.pages[key] = p
                 s.pushFront(p)
-                s.used += bytes.count
+                s.used += count
                 s.peak = max(s.peak, s.used)
                 s.evict()
                 return p

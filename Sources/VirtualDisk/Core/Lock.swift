@@ -125,10 +125,10 @@ final class MetadataLock: @unchecked Sendable {
 
     /// Read a page with the lock let go; called with it held, returns with it held.
     /// Throws `Restart` if a change ran meanwhile.
-    func loadUnlocked(_ load: () throws -> [UInt8]) throws -> [UInt8] {
+    func loadUnlocked<T>(_ load: () throws -> T) throws -> T {
         let seen = changes
         lock.unlock()
-        let bytes: [UInt8]
+        let bytes: T
         do {
             bytes = try load()
         } catch {

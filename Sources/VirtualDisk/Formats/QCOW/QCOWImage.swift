@@ -87,14 +87,14 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
 
     func l1Entry(_ index: UInt64) throws -> UInt64 {
         let (page, count, within) = l1Page(index)
-        return try cache.withPage(owner: owner, offset: page, load: { try file.read(at: page, count: count) }) { p in
+        return try cache.withPage(owner: owner, offset: page, count: count, load: { try file.read(into: $0, at: page) }) { p in
             ByteReader(p.bytes).be64(within)
         }
     }
 
     private func setL1Entry(_ index: UInt64, _ value: UInt64) throws {
         let (page, count, within) = l1Page(index)
-        try cache.withPage(owner: owner, offset: page, load: { try file.read(at: page, count: count) }) { p in
+        try cache.withPage(owner: owner, offset: page, count: count, load: { try file.read(into: $0, at: page) }) { p in
             guard p.bytes.count >= within + 8 else { throw ImageError(.corrupt, "L1 page at \(page) is short", path: file.path) }
             p.bytes.putBE64(value, at: within)
             cache.markDirty(p, rank: Self.rankL1)
@@ -115,12 +115,9 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
         return off
     }
 
-    private func loadL2(_ table: UInt64) throws -> [UInt8] {
-        try file.read(at: table, count: Int(header.l2TableBytes))
-    }
 
     func l2Entry(table: UInt64, index: UInt64) throws -> QCOWEntry {
-        try cache.withPage(owner: owner, offset: table, load: { try loadL2(table) }) { p in
+        try cache.withPage(owner: owner, offset: table, count: Int(header.l2TableBytes), load: { try file.read(into: $0, at: table) }) { p in
             QCOWEntry(raw: ByteReader(p.bytes).be64(Int(index * 8)))
         }
     }
@@ -136,7 +133,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     func setEntry(guestCluster c: UInt64, _ e: QCOWEntry) throws {
         let table = try writableL2Table(l1Index: c / header.l2Entries)
         let within = Int((c % header.l2Entries) * 8)
-        try cache.withPage(owner: owner, offset: table, load: { try loadL2(table) }) { p in
+        try cache.withPage(owner: owner, offset: table, count: Int(header.l2TableBytes), load: { try file.read(into: $0, at: table) }) { p in
             guard p.bytes.count >= within + 8 else { throw ImageError(.corrupt, "L2 table at \(table) is short", path: file.path) }
             p.bytes.putBE64(e.raw, at: within)
             cache.markDirty(p, rank: Self.rankL2)

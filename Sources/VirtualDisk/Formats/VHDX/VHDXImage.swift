@@ -126,11 +126,14 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
 
     /// Read file bytes as the replayed log would leave them.
     func readFile(at offset: UInt64, count: Int) throws -> [UInt8] {
-        var b = try file.read(at: offset, count: count)
-        if let overlay {
-            b.withUnsafeMutableBytes { overlay.apply($0, at: offset) }
-        }
+        var b = [UInt8](repeating: 0, count: count)
+        try b.withUnsafeMutableBytes { try readFile(into: $0, at: offset) }
         return b
+    }
+
+    func readFile(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try file.read(into: buffer, at: offset)
+        overlay?.apply(buffer, at: offset)
     }
 
     // MARK: BAT and bitmaps through the cache (all under `lock`)
@@ -141,7 +144,7 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
             throw ImageError(.corrupt, "BAT entry \(index) lies past the BAT region (\(batLength) bytes)", path: file.path, format: "vhdx")
         }
         let key = batOffset + pos / Self.pageSize * Self.pageSize
-        return try cache.withPage(owner: owner, offset: key, load: { try readFile(at: key, count: Int(Self.pageSize)) }) { p in
+        return try cache.withPage(owner: owner, offset: key, count: Int(Self.pageSize), load: { try readFile(into: $0, at: key) }) { p in
             try body(p, Int(pos % Self.pageSize))
         }
     }
@@ -209,7 +212,7 @@ public final class VHDXLayer: FormatLayer, @unchecked Sendable {
     func withBitmapPage<R>(_ sb: UInt64, bit: UInt64, _ body: (MetadataCache.Page, Int) throws -> R) throws -> R {
         let byte = bit / 8
         let key = sb + byte / Self.pageSize * Self.pageSize
-        return try cache.withPage(owner: owner, offset: key, load: { try readFile(at: key, count: Int(Self.pageSize)) }) { p in
+        return try cache.withPage(owner: owner, offset: key, count: Int(Self.pageSize), load: { try readFile(into: $0, at: key) }) { p in
             try body(p, Int(bit - (byte / Self.pageSize * Self.pageSize) * 8))
         }
     }

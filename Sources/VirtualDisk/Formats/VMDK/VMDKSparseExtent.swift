@@ -271,7 +271,7 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
         let count = Int(min(Self.pageSize, gdBytes - pageStart))
         let f = sparseFile
         return try cache.withPage(owner: redundant ? ownerRGD : ownerGD, offset: page,
-                                  load: { try f.read(at: base + pageStart, count: count) }) { p in
+                                  count: count, load: { try f.read(into: $0, at: base + pageStart) }) { p in
             let o = Int(byte - pageStart)
             guard o + Int(entrySize) <= p.bytes.count else { throw Self.corrupt(f, "grain directory page is short") }
             return try body(p, o)
@@ -320,9 +320,9 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
     func withGT<R>(_ i: UInt64, _ body: (MetadataCache.Page) throws -> R) throws -> R {
         let f = sparseFile
         let n = Int(gtBytes)
-        return try cache.withPage(owner: ownerGT, offset: i, load: {
+        return try cache.withPage(owner: ownerGT, offset: i, count: n, load: {
             guard let at = try gtLocation(i) else { throw Self.corrupt(f, "grain table \(i) vanished") }
-            return try f.read(at: at, count: n)
+            try f.read(into: $0, at: at)
         }) { p in
             guard p.bytes.count == n else { throw Self.corrupt(f, "grain table \(i) is short") }
             return try body(p)

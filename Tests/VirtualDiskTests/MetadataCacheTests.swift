@@ -1,0 +1,66 @@
+import Testing
+@testable import VirtualDisk
+
+/// The shared metadata cache on its own: budget, eviction, and the reuse of evicted
+/// pages' buffers by later misses.
+@Suite struct MetadataCacheTests {
+    /// Load page `offset` (16 KiB, every byte `fill`), returning the buffer's address.
+    @discardableResult
+    func load(_ cache: MetadataCache, _ owner: UInt64, _ offset: UInt64, fill: UInt8) throws -> UInt {
+        var address: UInt = 0
+        try cache.withPage(owner: owner, offset: offset, count: 16 << 10, load: { b in
+            address = UInt(bitPattern: b.baseAddress)
+            b.initializeMemory(as: UInt8.self, repeating: fill)
+        }) { p in
+            #expect(p.bytes.allSatisfy { $0 == fill })
+        }
+        return address
+    }
+
+    @Test("the budget bounds the cached pages; a miss after an eviction fills the evicted page's buffer")
+    func evictedBuffersAreReused() throws {
+        let cache = MetadataCache(budget: 64 << 10)
+        let owner = MetadataCache.newOwner()
+        var addresses: [UInt] = []
+        for i in 0..<40 {
+            addresses.append(try load(cache, owner, UInt64(i) << 14, fill: UInt8(i + 1)))
+            #expect(cache.statistics.used <= 64 << 10)
+        }
+        // Four pages fit. Loading page i evicts page i-4, and the next miss, page i+1,
+        // is filled in that page's very buffer: it is still alive when handed over, so
+        // the same address means it was not copied (or freed and allocated anew).
+        let reused = (5..<40).filter { addresses[$0] == addresses[$0 - 5] }.count
+        #expect(reused == 35, "\(reused) of 35 misses filled the buffer of the page evicted before them")
+        // A reused buffer holds only the new page: a hit sees exactly what was loaded.
+        try cache.withPage(owner: owner, offset: 39 << 14, count: 16 << 10, load: { _ in Issue.record("a miss on a cached page") }) { p in
+            #expect(p.bytes.count == 16 << 10 && p.bytes.allSatisfy { $0 == 40 })
+        }
+    }
+
+    @Test("a copy of a page's bytes taken before its eviction keeps them after the buffer is reused")
+    func copiesSurviveReuse() throws {
+        let cache = MetadataCache(budget: 64 << 10)
+        let owner = MetadataCache.newOwner()
+        try load(cache, owner, 0, fill: 0xAA)
+        let copy = try cache.withPage(owner: owner, offset: 0, count: 16 << 10, load: { _ in }) { $0.bytes }
+        for i in 1..<12 { try load(cache, owner, UInt64(i) << 14, fill: UInt8(i)) }
+        #expect(copy.count == 16 << 10 && copy.allSatisfy { $0 == 0xAA })
+    }
+
+    @Test("buffers of another size are not handed out, and a dirty page is never evicted")
+    func sizesAndDirtyPages() throws {
+        let cache = MetadataCache(budget: 64 << 10)
+        let owner = MetadataCache.newOwner()
+        try cache.withPage(owner: owner, offset: 1 << 30, count: 4096, load: { $0.initializeMemory(as: UInt8.self, repeating: 7) }) { p in
+            p.bytes[0] = 8
+            cache.markDirty(p, rank: 0)
+        }
+        for i in 0..<10 { try load(cache, owner, UInt64(i) << 14, fill: UInt8(i + 1)) }
+        try cache.withPage(owner: owner, offset: 1 << 30, count: 4096, load: { _ in Issue.record("the dirty page was evicted") }) { p in
+            #expect(p.bytes.count == 4096 && p.bytes[0] == 8 && p.bytes[1] == 7)
+        }
+        var written: [UInt64] = []
+        try cache.writeBack(owner: owner, barrier: {}, write: { offset, bytes in written.append(offset); #expect(bytes.count == 4096) })
+        #expect(written == [1 << 30])
+    }
+}
