@@ -122,24 +122,11 @@ extension VHDLayer: CheckableLayer {
             cursor = max(cursor, e)
         }
         if cursor < dataEnd { gaps.append((cursor, dataEnd)) }
-        var tailLeak: UInt64?
-        for (s, e) in gaps where e > s && e - s >= span {
-            guard let d = file.nextData(from: s), d < e else { continue }
-            let count = Int((e - s) / span)
-            report.leaks += count
-            if report.leakDetails.count < 16 {
-                report.leakDetails.append("\(e - s) bytes at \(s) are not referenced by the BAT (\(count) block\(count == 1 ? "" : "s"))")
-            }
-            guard fixLeaks else { continue }
-            if e == dataEnd {
-                tailLeak = s
-            } else {
-                file.punchHole(at: s, length: e - s)
-            }
-            fixedLeaks += count
-        }
+        var sweep = LeakSweep(file: file, unit: span, unitName: "block", unreferenced: "not referenced by the BAT", end: dataEnd, repair: fixLeaks)
+        for (s, e) in gaps { sweep.run(s, e, into: &report) }
+        fixedLeaks = sweep.repaired
         if fixAll || fixLeaks { try flushLocked() }
-        if let s = tailLeak {
+        if let s = sweep.tail {
             // The file ends after the last structure: the footer moves back.
             dataEnd = s.alignedUp(512)
             try writeFootersLocked()

@@ -102,8 +102,7 @@ extension VMDKSparseExtent {
         var bits = [UInt64](repeating: 0, count: track ? Int((min(window, max(fileSectors, 1)) + 63) / 64) : 0)
         var windowStart: UInt64 = 0
         var allocated: UInt64 = 0
-        var fixedLeaks = 0
-        var tail: UInt64?
+        var sweep = LeakSweep(file: f, unit: grainBytes, unitName: "grain", unreferenced: "referenced by no grain table", end: fileSize, repair: fixLeaks)
         /// A run of the file (bytes) that nothing references, still open at the end of
         /// a window: it may go on in the next.
         var gap: (start: UInt64, end: UInt64)?
@@ -112,19 +111,7 @@ extension VMDKSparseExtent {
         func closeGap() {
             guard let (s, e) = gap else { return }
             gap = nil
-            guard e - s >= grainBytes, let d = f.nextData(from: s), d < e else { return }
-            let count = Int((e - s) / grainBytes)
-            problems.report.leaks += count
-            if problems.report.leakDetails.count < 16 {
-                problems.report.leakDetails.append("\(e - s) bytes at \(s) are referenced by no grain table (\(count) grain\(count == 1 ? "" : "s"))")
-            }
-            guard fixLeaks else { return }
-            if e == fileSize {
-                tail = s
-            } else if !f.punchHole(at: s, length: e - s) {
-                return  // the file system cannot give the space back
-            }
-            fixedLeaks += count
+            sweep.run(s, e, into: &problems.report)
         }
         repeat {
             let first = windowStart == 0
@@ -236,13 +223,13 @@ extension VMDKSparseExtent {
         } while windowStart < fileSectors && track
         closeGap()
         problems.report.allocatedClusters = allocated
-        if let s = tail {
+        if let s = sweep.tail {
             try f.truncate(to: s)
             dataEnd = max(s, overheadEnd)
             fileLength = s
         }
         if fixLeaks { try f.sync() }
-        problems.report.repairedLeaks = fixedLeaks
+        problems.report.repairedLeaks = sweep.repaired
         problems.report.imageEndOffset = try f.size()
         return problems.finish()
     }
