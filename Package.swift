@@ -33,7 +33,7 @@ let package = Package(
         // Exports serve any DiskImage; they know nothing of formats.
         .target(
             name: "Exports",
-            dependencies: ["VirtualDisk", "CFuse"],
+            dependencies: ["VirtualDisk", "CFuse", "CVloop"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         // The NBD server: any DiskImage over the network. The event loop only decodes
@@ -57,7 +57,11 @@ let package = Package(
                 "NBDServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: [.swiftLanguageMode(.v6)]
+            swiftSettings: [.swiftLanguageMode(.v6)],
+            // A position-dependent release binary: a PIE one has ~94,000 relocations
+            // that every start reads (2.2 MB) and applies (dirtying their pages), 1.9 MiB
+            // more resident for a long-running `serve` or `attach`.
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-no-pie"], .when(configuration: .release))]
         ),
         .testTarget(
             name: "VirtualDiskTests",

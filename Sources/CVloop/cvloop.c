@@ -156,3 +156,11 @@ int vl_fd_in_memory(int fd) {
 }
 
 int vl_malloc_arenas(int n) { return mallopt(M_ARENA_MAX, n); }
+
+int vl_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC);
+}
+
+int vl_spawn_close_from(posix_spawn_file_actions_t *actions, int lowfd) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, lowfd);
+}

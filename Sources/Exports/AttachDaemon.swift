@@ -1,4 +1,5 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
 import VirtualDisk
 #if canImport(Glibc)
 import Glibc
@@ -71,14 +72,20 @@ public enum AttachDaemon {
         let export = FUSEExport(image: image, mountPoint: mnt, readOnly: options.readOnly, threads: options.threads)
         do { try export.mount() } catch let e as ImageError { return fail(e) } catch { return fail(ImageError(.io, "\(error)")) }
         let loopDone = DispatchSemaphore(value: 0)
-        let server = Thread {
-            export.run()
-            loopDone.signal()
-            // The session ended on its own (unmounted from outside): wake the main thread.
-            kill(getpid(), SIGTERM)
+        do {
+            try startThread(stackSize: 1 << 20) {
+                export.run()
+                loopDone.signal()
+                // The session ended on its own (unmounted from outside): wake the main thread.
+                kill(getpid(), SIGTERM)
+            }
+        } catch let e as ImageError {
+            export.unmount()
+            return fail(e)
+        } catch {
+            export.unmount()
+            return fail(ImageError(.io, "\(error)"))
         }
-        server.stackSize = 1 << 20
-        server.start()
         cleanup.append {
             export.stop()
             export.unmount()
@@ -107,5 +114,29 @@ public enum AttachDaemon {
         // image (flush, clean flags), remove the record.
         unwind()
         return 0
+    }
+}
+
+private final class ThreadBody {
+    let run: () -> Void
+    init(_ run: @escaping () -> Void) { self.run = run }
+}
+
+/// Run `body` on a new detached thread with the given stack size.
+private func startThread(stackSize: Int, _ body: @escaping () -> Void) throws {
+    var attr = pthread_attr_t()
+    pthread_attr_init(&attr)
+    defer { pthread_attr_destroy(&attr) }
+    pthread_attr_setstacksize(&attr, stackSize)
+    pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
+    let box = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, &attr, { p in
+        Unmanaged<ThreadBody>.fromOpaque(p!).takeRetainedValue().run()
+        return nil
+    }, box)
+    if rc != 0 {
+        Unmanaged<ThreadBody>.fromOpaque(box).release()
+        throw ImageError(.io, "cannot start the FUSE thread: \(String(cString: strerror(rc)))")
     }
 }

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import VirtualDisk
 #if canImport(Glibc)
 import Glibc
@@ -23,7 +23,7 @@ public struct AttachRecord: Codable, Sendable {
         guard kill(pid, 0) == 0 || errno == EPERM else { return false }
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
               let close = stat.lastIndex(of: ")") else { return true }
-        let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first
+        let state = String(stat[stat.index(after: close)...]).trimmingWhitespace().first
         return state != "Z" && state != "X"
     }
 }

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import VirtualDisk
 #if canImport(Glibc)
 import Glibc
@@ -7,23 +7,10 @@ import Glibc
 /// Running host tools (losetup, mount, blkid) and reading their answers.
 enum HostCommand {
     @discardableResult
-    static func run(_ args: [String], allowFailure: Bool = false) throws -> (status: Int32, out: String, err: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = FileHandle.nullDevice
-        do { try p.run() } catch {
-            throw ImageError(.io, "cannot run \(args[0]): \(error)")
-        }
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let r = (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-        if r.0 != 0 && !allowFailure {
-            throw ImageError(.io, "\(args.joined(separator: " ")) failed: \(r.2.trimmingCharacters(in: .whitespacesAndNewlines))")
+    static func run(_ args: [String], allowFailure: Bool = false) throws -> Subprocess.Output {
+        let r = try Subprocess.run(args)
+        if r.status != 0 && !allowFailure {
+            throw ImageError(.io, "\(args.joined(separator: " ")) failed: \(r.err.trimmingWhitespace())")
         }
         return r
     }
@@ -40,13 +27,13 @@ public enum LoopDevice {
         args.append(file)
         let r = try HostCommand.run(args, allowFailure: true)
         if r.status != 0 {
-            let msg = r.err.trimmingCharacters(in: .whitespacesAndNewlines)
+            let msg = r.err.trimmingWhitespace()
             if msg.contains("could not find any free loop device") || msg.contains("failed to find an unused loop device") {
                 throw ImageError(.io, "no free loop device; detach one ('vloop list', 'losetup -a') or raise max_loop")
             }
             throw ImageError(.io, "losetup failed: \(msg)")
         }
-        let device = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let device = r.out.trimmingWhitespace()
         if partscan { addPartitions(device) }
         return device
     }
@@ -61,7 +48,7 @@ public enum LoopDevice {
 
     /// Partition numbers the kernel knows for a device.
     public static func partitions(_ device: String) -> [Int] {
-        let base = (device as NSString).lastPathComponent
+        let base = String(device.split(separator: "/").last ?? Substring(device))
         return ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block/\(base)")) ?? [])
             .filter { $0.hasPrefix(base + "p") }
             .compactMap { Int($0.dropFirst(base.count + 1)) }.sorted()
@@ -73,9 +60,9 @@ public enum LoopDevice {
         _ = try? HostCommand.run(["blockdev", "--flushbufs", device], allowFailure: true)
         let r = try HostCommand.run(["losetup", "-d", device], allowFailure: true)
         if r.status != 0 && !r.err.contains("No such device") {
-            throw ImageError(.io, "losetup -d \(device) failed: \(r.err.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw ImageError(.io, "losetup -d \(device) failed: \(r.err.trimmingWhitespace())")
         }
-        let name = (device as NSString).lastPathComponent
+        let name = String(device.split(separator: "/").last ?? Substring(device))
         for _ in 0..<200 {
             if !FileManager.default.fileExists(atPath: "/sys/block/\(name)/loop/backing_file") { return }
             usleep(25_000)
@@ -92,9 +79,9 @@ public enum LoopDevice {
     }
 
     public static func backingFile(_ device: String) -> String? {
-        let name = (device as NSString).lastPathComponent
+        let name = String(device.split(separator: "/").last ?? Substring(device))
         return (try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8))?
-            .trimmingCharacters(in: .whitespacesAndNewlines)
+            .trimmingWhitespace()
     }
 }
 

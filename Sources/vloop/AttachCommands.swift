@@ -1,6 +1,6 @@
 import ArgumentParser
 import Exports
-import Foundation
+import FoundationEssentials
 import VirtualDisk
 #if canImport(Glibc)
 import Glibc
@@ -57,39 +57,42 @@ struct Attach: ParsableCommand {
 
     /// Start `vloop attach --foreground` in its own session and wait until it reports.
     func spawnDaemon() throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: selfExecutable())
-        var args = ["attach", "--foreground", "--notify-stdout"]
+        var args = [selfExecutable(), "attach", "--foreground", "--notify-stdout"]
         if let f { args += ["-f", f] }
         if readOnly { args.append("--read-only") }
         if partscan { args.append("--partscan") }
         if let c = common.cacheSize { args += ["--cache-size", c] }
         args.append(image)
-        p.arguments = args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardInput = FileHandle.nullDevice
         let logPath = "/run/vloop-attach-\(getpid()).log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
-        p.standardError = FileHandle(forWritingAtPath: logPath)
-        try p.run()
-        var line = Data()
-        let h = out.fileHandleForReading
+        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard log >= 0 else { throw ImageError(.io, "cannot create \(logPath): \(String(cString: strerror(errno)))") }
+        defer { unlink(logPath) }
+        let out = try Subprocess.Pipe()
+        let pid: pid_t
+        do {
+            pid = try Subprocess.spawn(args, stdout: out.write, stderr: log)
+        } catch {
+            close(out.read); close(out.write); close(log)
+            throw error
+        }
+        close(out.write); close(log)
+        // The daemon writes one line once the device is ready ("OK /dev/loopN") or it
+        // gave up ("ERR why"); end of file means it exited without a word.
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
         while true {
-            let chunk = h.readData(ofLength: 1)
-            if chunk.isEmpty || chunk == Data([10]) { break }
-            line.append(chunk)
+            let n = read(out.read, &byte, 1)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 || byte == 10 { break }
+            line.append(byte)
         }
+        close(out.read)
         let text = String(decoding: line, as: UTF8.self)
-        if text.hasPrefix("OK ") {
-            unlink(logPath)
-            return String(text.dropFirst(3))
-        }
-        p.waitUntilExit()
-        let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
-        unlink(logPath)
-        if text.hasPrefix("ERR ") { throw ImageError(.io, String(text.dropFirst(4)).replacingOccurrences(of: "vloop: ", with: "")) }
-        throw ImageError(.io, "the attach daemon exited before the device was ready: \(log.trimmingCharacters(in: .whitespacesAndNewlines))", path: image)
+        if text.hasPrefix("OK ") { return String(text.dropFirst(3)) }
+        _ = Subprocess.wait(pid)
+        let logText = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+        if text.hasPrefix("ERR ") { throw ImageError(.io, String(text.dropFirst(4)).replacing("vloop: ", with: "")) }
+        throw ImageError(.io, "the attach daemon exited before the device was ready: \(logText.trimmingWhitespace())", path: image)
     }
 }
 
@@ -125,7 +128,7 @@ func detachRecord(_ r: AttachRecord, force: Bool) throws {
             try? LoopDevice.detach(r.device)
         }
         if FileManager.default.fileExists(atPath: r.fuseMount) {
-            _ = try? Process.run(URL(fileURLWithPath: "/usr/bin/env"), arguments: ["fusermount3", "-u", "-z", r.fuseMount]).waitUntilExit()
+            _ = try? Subprocess.run(["fusermount3", "-u", "-z", r.fuseMount])
         }
         AttachRegistry.remove(r.id)
     }
@@ -198,8 +201,8 @@ struct MountCommand: ParsableCommand {
                 let part = try chooseDevice(device)
                 var args = ["mount"]
                 if readOnly { args += ["-o", "ro"] }
-                let r = try Process.runCapturing(args + [part, directory])
-                if r.status != 0 { throw ImageError(.io, "mount \(part) on \(directory) failed: \(r.err.trimmingCharacters(in: .whitespacesAndNewlines))") }
+                let r = try Subprocess.run(args + [part, directory])
+                if r.status != 0 { throw ImageError(.io, "mount \(part) on \(directory) failed: \(r.err.trimmingWhitespace())") }
                 var updated = record
                 updated.mountedAt = AttachRegistry.realPath(directory) ?? directory
                 updated.mountedDevice = part
@@ -215,7 +218,7 @@ struct MountCommand: ParsableCommand {
     /// The partition (or whole device) to mount.
     func chooseDevice(_ device: String) throws -> String {
         // Partitions show up as /dev/loopNpM once the kernel has scanned the table.
-        _ = try? Process.runCapturing(["udevadm", "settle", "--timeout=5"])
+        _ = try? Subprocess.run(["udevadm", "settle", "--timeout=5"])
         LoopDevice.addPartitions(device)
         let parts = LoopDevice.partitions(device)
         if let n = partition {
@@ -225,9 +228,9 @@ struct MountCommand: ParsableCommand {
         }
         for n in parts {
             let p = "\(device)p\(n)"
-            if let t = try? Process.runCapturing(["blkid", "-o", "value", "-s", "TYPE", p]), t.status == 0, !t.out.isEmpty { return p }
+            if let t = try? Subprocess.run(["blkid", "-o", "value", "-s", "TYPE", p]), t.status == 0, !t.out.isEmpty { return p }
         }
-        if let t = try? Process.runCapturing(["blkid", "-o", "value", "-s", "TYPE", device]), t.status == 0, !t.out.isEmpty { return device }
+        if let t = try? Subprocess.run(["blkid", "-o", "value", "-s", "TYPE", device]), t.status == 0, !t.out.isEmpty { return device }
         throw ImageError(.notFound, "no file system found on the image or its partitions; use --partition N to choose", path: image)
     }
 }
@@ -242,8 +245,8 @@ struct Umount: ParsableCommand {
             guard var record = AttachRegistry.all().first(where: { $0.mountedAt == real }) else {
                 throw ImageError(.notFound, "not mounted by vloop mount (see 'vloop list')", path: directory)
             }
-            let r = try Process.runCapturing(["umount", real])
-            if r.status != 0 { throw ImageError(.io, "umount failed: \(r.err.trimmingCharacters(in: .whitespacesAndNewlines))", path: directory) }
+            let r = try Subprocess.run(["umount", real])
+            if r.status != 0 { throw ImageError(.io, "umount failed: \(r.err.trimmingWhitespace())", path: directory) }
             record.mountedAt = nil
             record.mountedDevice = nil
             try detachRecord(record, force: false)
@@ -251,18 +254,3 @@ struct Umount: ParsableCommand {
     }
 }
 
-extension Process {
-    static func runCapturing(_ args: [String]) throws -> (status: Int32, out: String, err: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-    }
-}

@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <pthread.h>
+#include <spawn.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -19,6 +20,10 @@ int vl_fallocate(int fd, int64_t off, int64_t len);
 /* SEEK_DATA / SEEK_HOLE: returns offset, or -errno (-ENXIO past the last data). */
 int64_t vl_seek_data(int fd, int64_t off);
 int64_t vl_seek_hole(int fd, int64_t off);
+/// pipe2(O_CLOEXEC): both ends closed on exec. 0, or -1 with errno.
+int vl_pipe_cloexec(int fds[2]);
+/// posix_spawn_file_actions_addclosefrom_np: the child closes every descriptor from lowfd on.
+int vl_spawn_close_from(posix_spawn_file_actions_t *actions, int lowfd);
 int vl_o_direct(void);
 
 /* Raw deflate (no zlib header), as qcow/qcow2 store compressed clusters. */
