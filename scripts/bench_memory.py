@@ -16,18 +16,14 @@ import json, os, re, signal, subprocess, sys, time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VLOOP = os.path.join(ROOT, ".build/release/vloop")
+from benchlib import VLOOP, sh, write_section
+
 BACKING = os.environ.get("VLOOP_MEMBENCH_FILE", "/var/tmp/vloop-membench.xfs")
 MNT = os.environ.get("VLOOP_MEMBENCH_DIR", "/mnt/vloop-membench")
 SECONDS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 CACHES = ["32M", "1M"]
 SIZES = [("64 TiB", 64 << 40), ("1 GiB", 1 << 30)]
 FORMATS = ["qcow2", "vhdx", "vmdk", "vdi"]
-
-
-def sh(cmd):
-    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True).stdout.strip()
 
 
 def mount_scratch():
@@ -191,12 +187,12 @@ def main():
                 peak, end, iops = measure(kind, path, fmt, size, port)
                 rows.append((fmt, label, kind, peak, end, iops))
                 print(f"{fmt:6} {label:7} {kind:16} peak {peak:7.1f} MiB  end {end:7.1f} MiB  {iops / 1e3:6.1f} kIOPS", file=sys.stderr)
-    write_section(rows)
+    report(rows)
 
 
-def write_section(rows):
+def report(rows):
     cpu = re.sub(r"\s+", " ", sh("grep -m1 'model name' /proc/cpuinfo").split(":", 1)[1]).strip()
-    lines = ["<!-- memory:begin -->", "## Memory on huge images", "",
+    lines = ["## Memory on huge images", "",
              f"Resident set (VmRSS sampled every 0.2 s; peak and at the end) of the NBD server while "
              f"`fio --ioengine=nbd --rw=randread --bs=4k --iodepth=32` reads random blocks across the whole "
              f"disk for {SECONDS} s. vloop runs with `--cache-size {CACHES[0]}` (its default) and `{CACHES[1]}`; qemu-nbd with its defaults "
@@ -213,18 +209,13 @@ def write_section(rows):
             kind = f"vloop cache {c}"
             big = next(r[3] for r in rows if r[0] == fmt and r[1] == "64 TiB" and r[2] == kind)
             small = next(r[3] for r in rows if r[0] == fmt and r[1] == "1 GiB" and r[2] == kind)
-            lines.append(f"- {fmt}, cache {c}: {big:.1f} MiB vs {small:.1f} MiB ({big - small:+.1f} MiB, {(big / small - 1) * 100:+.1f}%)")
+            limit = int(c.rstrip("M")) + 16
+            lines.append(f"- {fmt}, cache {c}: {big:.1f} MiB vs {small:.1f} MiB ({big - small:+.1f} MiB, {(big / small - 1) * 100:+.1f}%); "
+                         f"{'within' if big <= limit else 'over'} the budget + 16 MiB ({limit} MiB)")
     lines += ["", f"Reproduce: `bash scripts/bench-memory.sh {SECONDS}` (root; needs about 25 GiB free for the "
               f"sparse XFS file it makes at /var/tmp/vloop-membench.xfs, or VLOOP_MEMBENCH_FILE; building the images once takes about 15 minutes, "
-              f"later runs reuse them).", "<!-- memory:end -->"]
-    section = "\n".join(lines) + "\n"
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if "<!-- memory:begin -->" in text:
-        text = re.sub(r"<!-- memory:begin -->.*?<!-- memory:end -->\n?", section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(path, "w").write(text)
+              f"later runs reuse them)."]
+    write_section("memory", lines)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,17 @@ import Testing
         return address
     }
 
+    /// Room for exactly four 16 KiB pages (each also costs `pageOverhead`).
+    let budget = 4 * ((16 << 10) + MetadataCache.pageOverhead)
+
     @Test("the budget bounds the cached pages; a miss after an eviction fills the evicted page's buffer")
     func evictedBuffersAreReused() throws {
-        let cache = MetadataCache(budget: 64 << 10)
+        let cache = MetadataCache(budget: budget)
         let owner = MetadataCache.newOwner()
         var addresses: [UInt] = []
         for i in 0..<40 {
             addresses.append(try load(cache, owner, UInt64(i) << 14, fill: UInt8(i + 1)))
-            #expect(cache.statistics.used <= 64 << 10)
+            #expect(cache.statistics.used == min(i + 1, 4) * ((16 << 10) + MetadataCache.pageOverhead))
         }
         // Four pages fit. Loading page i evicts page i-4, and the next miss, page i+1,
         // is filled in that page's very buffer: it is still alive when handed over, so
@@ -39,7 +42,7 @@ import Testing
 
     @Test("a copy of a page's bytes taken before its eviction keeps them after the buffer is reused")
     func copiesSurviveReuse() throws {
-        let cache = MetadataCache(budget: 64 << 10)
+        let cache = MetadataCache(budget: budget)
         let owner = MetadataCache.newOwner()
         try load(cache, owner, 0, fill: 0xAA)
         let copy = try cache.withPage(owner: owner, offset: 0, count: 16 << 10, load: { _ in }) { $0.bytes }
@@ -49,7 +52,7 @@ import Testing
 
     @Test("buffers of another size are not handed out, and a dirty page is never evicted")
     func sizesAndDirtyPages() throws {
-        let cache = MetadataCache(budget: 64 << 10)
+        let cache = MetadataCache(budget: budget)
         let owner = MetadataCache.newOwner()
         try cache.withPage(owner: owner, offset: 1 << 30, count: 4096, load: { $0.initializeMemory(as: UInt8.self, repeating: 7) }) { p in
             p.bytes[0] = 8
