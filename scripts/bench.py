@@ -4,9 +4,10 @@ device, run side by side and interleaved on the same machine; medians of RUNS.
 Writes BENCHMARKS.md. Run through scripts/bench.sh (as root)."""
 import json, os, platform, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
+from benchlib import SETTLE, VLOOP, sections, settle, sh
+
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VLOOP = os.path.join(ROOT, ".build/release/vloop")
 # Images live in tmpfs: "in the page cache" for every path alike, including the raw
 # loop device's direct I/O (on a disk-backed file it would measure the disk).
 W = tempfile.mkdtemp(prefix="vloop-bench-", dir="/dev/shm")
@@ -14,33 +15,6 @@ SIZE_MB = 1024
 RUNTIME = 6
 ATTACH_FORMATS = ["qcow2", "vhdx", "vmdk"]
 SPACE_FORMATS = [("qcow2", "qcow2"), ("qcow", "qcow"), ("vpc", "vhd"), ("vhdx", "vhdx"), ("vmdk", "vmdk"), ("vdi", "vdi"), ("raw", "raw")]
-
-
-def sh(cmd, **kw):
-    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout.strip()
-
-
-SETTLE = {"waited": 0.0, "gave_up": 0}
-
-
-def settle(limit=180):
-    """Wait (up to `limit` s) until the CPUs are at least 90% idle over half a second:
-    kernel work a previous tool left behind would otherwise run during the next timed
-    run and slow whichever tool uses both cores most. On this VM a kworker tearing
-    down the io_uring of an exited qemu process (qemu's main loop polls through
-    io_uring) was seen busy for tens of seconds."""
-    def busy():
-        a = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        time.sleep(0.5)
-        b = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        d = [y - x for x, y in zip(a, b)]
-        return 1 - (d[3] + d[4]) / max(1, sum(d))
-    start = time.time()
-    while busy() > 0.1:
-        if time.time() - start >= limit:
-            SETTLE["gave_up"] += 1
-            break
-    SETTLE["waited"] += time.time() - start
 
 
 def fio(target, rw, bs, qd, engine="libaio", extra=""):
@@ -218,7 +192,7 @@ def write_report(results, space):
              f"(waiting {SETTLE['waited']:.0f} s in all; {SETTLE['gave_up']} times not idle after 180 s). Ratios are vloop / peer.", ""]
     titles = {"attach": "Block device: `vloop attach` vs qemu-storage-daemon FUSE export + loop, and a raw file on a loop device",
               "nbd": "NBD: `vloop serve` vs `qemu-nbd --cache=writeback` (fio nbd engine, nbdcopy)",
-              "convert": "`vloop convert` vs `qemu-img convert` (each run twice in a row, the second timed)"}
+              "convert": "`vloop convert` vs `qemu-img convert` (each run twice in a row, the second timed; see also \"Convert on its own\" below)"}
     for table, rows in results.items():
         cols = list(next(iter(rows.values())).keys())
         lines += [f"## {titles[table]}", ""]
@@ -248,11 +222,11 @@ def write_report(results, space):
     for (fmt, tool), t in space.items():
         lines.append(f"| {fmt} | {tool} | {mib(t['empty'])} | {mib(t['ext2'])} | {mib(t['ext4'])} | {mib(t['ext4 size'])} |")
     lines += ["", "Reproduce: `bash scripts/bench.sh 3` (root; installs fio, qemu-system-common and nbdkit if missing)."]
-    # The memory section comes from scripts/bench-memory.sh; keep it.
+    # Keep the sections the other bench scripts wrote (memory, convert on its own).
     path = os.path.join(ROOT, "BENCHMARKS.md")
     old = open(path).read() if os.path.exists(path) else ""
-    if "<!-- memory:begin -->" in old:
-        lines += ["", old[old.index("<!-- memory:begin -->"):].rstrip("\n")]
+    for section in sections(old):
+        lines += ["", section]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
