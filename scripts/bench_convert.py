@@ -26,8 +26,8 @@ def main():
         sh(f"dd if=/dev/urandom of={src['raw']} bs=1M count={SIZE_MB} status=none")
         sh(f"qemu-img convert -O qcow2 {src['raw']} {src['qcow2']}")
         samples = {(label, tool): [] for label, _, _ in CASES for tool in TOOLS}
-        for round in range(ROUNDS):
-            order = list(TOOLS) if round % 2 == 0 else list(reversed(TOOLS))
+        for n in range(ROUNDS):
+            order = list(TOOLS) if n % 2 == 0 else list(reversed(TOOLS))
             for label, opts, source in CASES:
                 for tool in order:
                     out = f"{w}/out"
