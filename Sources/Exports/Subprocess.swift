@@ -18,7 +18,9 @@ public enum Subprocess {
     /// Run `args` to the end, collecting what it writes to stdout and stderr (both read
     /// as they come, so neither pipe filling up can stall it).
     public static func run(_ args: [String]) throws -> Output {
-        let out = try Pipe(), err = try Pipe()
+        let out = try Pipe()
+        let err: Pipe
+        do { err = try Pipe() } catch { out.closeBoth(); throw error }
         let pid: pid_t
         do {
             pid = try spawn(args, stdout: out.write, stderr: err.write)
@@ -64,10 +66,22 @@ public enum Subprocess {
         // (say, the socket a supervisor watches for its end) must not stay open in a
         // daemon that outlives it.
         vl_spawn_close_from(&actions, 3)
+        // The child starts with no signal blocked and every signal at its default: a
+        // caller may have blocked some (the attach daemon waits for its signals with
+        // sigwait) or ignored some (SIGPIPE), and both would otherwise carry over.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t(), all = sigset_t()
+        sigemptyset(&none)
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
         var pid: pid_t = 0
-        let rc = posix_spawnp(&pid, name, &actions, nil, argv, environ)
+        let rc = posix_spawnp(&pid, name, &actions, &attributes, argv, environ)
         guard rc == 0 else { throw ImageError(.io, "cannot run \(name): \(String(cString: strerror(rc)))") }
         return pid
     }

@@ -67,7 +67,8 @@ struct Attach: ParsableCommand {
         let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard log >= 0 else { throw ImageError(.io, "cannot create \(logPath): \(String(cString: strerror(errno)))") }
         defer { unlink(logPath) }
-        let out = try Subprocess.Pipe()
+        let out: Subprocess.Pipe
+        do { out = try Subprocess.Pipe() } catch { close(log); throw error }
         let pid: pid_t
         do {
             pid = try Subprocess.spawn(args, stdout: out.write, stderr: log)

@@ -61,6 +61,30 @@ struct LookupConcurrencyTests {
         #expect(v == 7 && once.value == 1)
     }
 
+    @Test("a page whose load needs another uncached page (a grain table and its directory) loads both and finishes")
+    func nestedMisses() throws {
+        let cache = MetadataCache(budget: 1 << 20)
+        let lock = MetadataLock()
+        let owner = MetadataCache.newOwner()
+        let result = Box<UInt8>(0)
+        let done = spawn {
+            result.value = (try? lock.lookup {
+                try cache.withPage(owner: owner, offset: 0, count: 1, load: { outer in
+                    // The load of page 0 reads page 4096 first, itself a miss.
+                    outer[0] = try cache.withPage(owner: owner, offset: 4096, count: 1, load: { $0[0] = 21 }) { $0.bytes[0] } * 2
+                }) { $0.bytes[0] }
+            }) ?? 0
+        }
+        #expect(done.wait(timeout: .now() + 10) == .success, "a miss inside a page's load hung")
+        #expect(result.value == 42)
+        // Both pages are cached now, and the lock is free.
+        let both = try lock.lookup {
+            try cache.withPage(owner: owner, offset: 4096, count: 1, load: { _ in Issue.record("page 4096 not cached") }) { $0.bytes[0] }
+        }
+        #expect(both == 21)
+        lock.run {}
+    }
+
     @Test("a lookup that changes keep restarting loads its page with the lock held after a few tries, and finishes")
     func restartsAreBounded() throws {
         let cache = MetadataCache(budget: 1 << 20)

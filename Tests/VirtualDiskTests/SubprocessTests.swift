@@ -26,4 +26,30 @@ import Testing
         let fds = r.out.split(separator: "\n").compactMap { Int32($0) }.sorted()
         #expect(fds == [0, 1, 2], "the child had descriptors \(fds) open")
     }
+
+    @Test("the child starts with no signal blocked and none ignored, whatever the caller set")
+    func cleanSignals() throws {
+        // As the attach daemon does: signals blocked for sigwait (this thread only), one
+        // ignored (SIGUSR2: process-wide, so one no other test touches).
+        var block = sigset_t(), old = sigset_t()
+        sigemptyset(&block)
+        sigaddset(&block, SIGUSR1)
+        sigaddset(&block, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &block, &old)
+        let oldDisposition = signal(SIGUSR2, SIG_IGN)
+        defer {
+            signal(SIGUSR2, oldDisposition)
+            pthread_sigmask(SIG_SETMASK, &old, nil)
+        }
+        // grep reads its own status (a shell would show its own mask, which it changes
+        // for a moment around each fork).
+        let r = try Subprocess.run(["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"])
+        var fields: [String: UInt64] = [:]
+        for line in r.out.split(separator: "\n") {
+            let parts = line.split(separator: "\t")
+            if parts.count == 2 { fields[String(parts[0].dropLast())] = UInt64(parts[1], radix: 16) }
+        }
+        #expect(fields["SigBlk"] == 0, "blocked in the child: \(r.out)")
+        #expect(fields["SigIgn"].map { $0 & (1 << (UInt64(SIGUSR2) - 1)) == 0 } == true, "SIGUSR2 ignored in the child: \(r.out)")
+    }
 }

@@ -61,10 +61,15 @@ public final class MetadataCache: Sendable {
         var spareBytes = 0
         static let maxSpares = 8
 
-        /// Keep a removed page's buffer for reuse while the spares stay small: a few
-        /// buffers, and no more than 1/16 of the budget.
+        /// Keep a removed page's buffer for reuse. The spares stay small, a few buffers
+        /// and no more than 1/16 of the budget, and the newest win: buffers of a size
+        /// no miss asks for any more (a closed image's) give way.
         mutating func recycle(_ bytes: inout [UInt8]) {
-            guard spares.count < Self.maxSpares, spareBytes + bytes.count <= max(budget / 16, 64 << 10) else { return }
+            let limit = max(budget / 16, 64 << 10)
+            guard bytes.count <= limit else { return }
+            while spares.count >= Self.maxSpares || spareBytes + bytes.count > limit {
+                spareBytes -= spares.removeFirst().count
+            }
             var b: [UInt8] = []
             swap(&b, &bytes)
             spareBytes += b.count
@@ -93,11 +98,11 @@ public final class MetadataCache: Sendable {
             head = p
             if tail == nil { tail = p }
         }
-        mutating func remove(_ p: Page) {
+        mutating func remove(_ p: Page, recycling: Bool = true) {
             unlink(p)
             pages[p.key] = nil
             used -= MetadataCache.cost(p.bytes.count)
-            if p.pins == 0 { recycle(&p.bytes) }
+            if recycling && p.pins == 0 { recycle(&p.bytes) }
         }
         /// Evict clean, unpinned pages from the cold end until within budget.
         mutating func evict() {
@@ -280,7 +285,7 @@ public final class MetadataCache: Sendable {
     public func drop(owner: UInt64) {
         state.withLock { s in
             let keys = s.pages.keys.filter { $0.owner == owner }
-            for k in keys { if let p = s.pages[k] { s.remove(p) } }
+            for k in keys { if let p = s.pages[k] { s.remove(p, recycling: false) } }
             s.dirty[owner] = nil
         }
     }

@@ -125,16 +125,23 @@ final class MetadataLock: @unchecked Sendable {
 
     /// Read a page with the lock let go; called with it held, returns with it held.
     /// Throws `Restart` if a change ran meanwhile.
+    /// A page `load` needs in turn (a VMDK grain table's load reads its directory
+    /// entry) is read there and then: the lock is already let go, and whatever the load
+    /// saw is checked by the restart test below.
     func loadUnlocked<T>(_ load: () throws -> T) throws -> T {
         let seen = changes
         lock.unlock()
         let bytes: T
+        let me = vl_lookup_current()
+        vl_lookup_set_current(nil)
         do {
             bytes = try load()
         } catch {
+            vl_lookup_set_current(me)
             lock.relock()
             throw error
         }
+        vl_lookup_set_current(me)
         lock.relock()
         if changes != seen { throw Restart() }
         return bytes
