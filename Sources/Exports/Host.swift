@@ -48,7 +48,7 @@ public enum LoopDevice {
 
     /// Partition numbers the kernel knows for a device.
     public static func partitions(_ device: String) -> [Int] {
-        let base = String(device.split(separator: "/").last ?? Substring(device))
+        let base = deviceName(device)
         return ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block/\(base)")) ?? [])
             .filter { $0.hasPrefix(base + "p") }
             .compactMap { Int($0.dropFirst(base.count + 1)) }.sorted()
@@ -62,7 +62,7 @@ public enum LoopDevice {
         if r.status != 0 && !r.err.contains("No such device") {
             throw ImageError(.io, "losetup -d \(device) failed: \(r.err.trimmingWhitespace())")
         }
-        let name = String(device.split(separator: "/").last ?? Substring(device))
+        let name = deviceName(device)
         for _ in 0..<200 {
             if !FileManager.default.fileExists(atPath: "/sys/block/\(name)/loop/backing_file") { return }
             usleep(25_000)
@@ -78,8 +78,13 @@ public enum LoopDevice {
         return false
     }
 
+    /// "loop3" for "/dev/loop3": the device's name under /sys/block.
+    static func deviceName(_ device: String) -> String {
+        String(device.split(separator: "/").last ?? Substring(device))
+    }
+
     public static func backingFile(_ device: String) -> String? {
-        let name = String(device.split(separator: "/").last ?? Substring(device))
+        let name = deviceName(device)
         return (try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8))?
             .trimmingWhitespace()
     }

@@ -62,6 +62,13 @@ import Testing
         try cache.withPage(owner: owner, offset: 1 << 30, count: 4096, load: { _ in Issue.record("the dirty page was evicted") }) { p in
             #expect(p.bytes.count == 4096 && p.bytes[0] == 8 && p.bytes[1] == 7)
         }
+        // The evictions above left 16 KiB buffers spare: a 4 KiB miss gets a 4 KiB one.
+        try cache.withPage(owner: owner, offset: 2 << 30, count: 4096, load: { b in
+            #expect(b.count == 4096)
+            b.initializeMemory(as: UInt8.self, repeating: 9)
+        }) { p in
+            #expect(p.bytes.count == 4096 && p.bytes.allSatisfy { $0 == 9 })
+        }
         var written: [UInt64] = []
         try cache.writeBack(owner: owner, barrier: {}, write: { offset, bytes in written.append(offset); #expect(bytes.count == 4096) })
         #expect(written == [1 << 30])

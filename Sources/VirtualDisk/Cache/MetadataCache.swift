@@ -204,6 +204,12 @@ public final class MetadataCache: Sendable {
         return try body(p)
     }
 
+    /// `withPage` for the common page: `count` bytes of `file` at `at`.
+    public func withPage<R>(owner: UInt64, offset: UInt64, count: Int, from file: HostFile, at: UInt64,
+                            _ body: (Page) throws -> R) throws -> R {
+        try withPage(owner: owner, offset: offset, count: count, load: { try file.read(into: $0, at: at) }, body)
+    }
+
     /// Put a page the owner has just created (a newly allocated table) into the cache,
     /// replacing anything cached at that offset, and mark it dirty.
     public func install(owner: UInt64, offset: UInt64, bytes: [UInt8], rank: Int) {

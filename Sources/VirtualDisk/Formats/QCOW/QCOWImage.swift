@@ -87,14 +87,14 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
 
     func l1Entry(_ index: UInt64) throws -> UInt64 {
         let (page, count, within) = l1Page(index)
-        return try cache.withPage(owner: owner, offset: page, count: count, load: { try file.read(into: $0, at: page) }) { p in
+        return try cache.withPage(owner: owner, offset: page, count: count, from: file, at: page) { p in
             ByteReader(p.bytes).be64(within)
         }
     }
 
     private func setL1Entry(_ index: UInt64, _ value: UInt64) throws {
         let (page, count, within) = l1Page(index)
-        try cache.withPage(owner: owner, offset: page, count: count, load: { try file.read(into: $0, at: page) }) { p in
+        try cache.withPage(owner: owner, offset: page, count: count, from: file, at: page) { p in
             guard p.bytes.count >= within + 8 else { throw ImageError(.corrupt, "L1 page at \(page) is short", path: file.path) }
             p.bytes.putBE64(value, at: within)
             cache.markDirty(p, rank: Self.rankL1)
@@ -115,9 +115,8 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
         return off
     }
 
-
     func l2Entry(table: UInt64, index: UInt64) throws -> QCOWEntry {
-        try cache.withPage(owner: owner, offset: table, count: Int(header.l2TableBytes), load: { try file.read(into: $0, at: table) }) { p in
+        try cache.withPage(owner: owner, offset: table, count: Int(header.l2TableBytes), from: file, at: table) { p in
             QCOWEntry(raw: ByteReader(p.bytes).be64(Int(index * 8)))
         }
     }
@@ -133,7 +132,7 @@ public final class QCOWLayer: FormatLayer, @unchecked Sendable {
     func setEntry(guestCluster c: UInt64, _ e: QCOWEntry) throws {
         let table = try writableL2Table(l1Index: c / header.l2Entries)
         let within = Int((c % header.l2Entries) * 8)
-        try cache.withPage(owner: owner, offset: table, count: Int(header.l2TableBytes), load: { try file.read(into: $0, at: table) }) { p in
+        try cache.withPage(owner: owner, offset: table, count: Int(header.l2TableBytes), from: file, at: table) { p in
             guard p.bytes.count >= within + 8 else { throw ImageError(.corrupt, "L2 table at \(table) is short", path: file.path) }
             p.bytes.putBE64(e.raw, at: within)
             cache.markDirty(p, rank: Self.rankL2)

@@ -14,7 +14,7 @@ extension QCOW2Layer {
         let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
         if blockOffset == 0 { return 0 }
         let index = c % refcountsPerBlock
-        return try cache.withPage(owner: owner, offset: blockOffset, count: Int(clusterSize), load: { try file.read(into: $0, at: blockOffset) }) { p in
+        return try cache.withPage(owner: owner, offset: blockOffset, count: Int(clusterSize), from: file, at: blockOffset) { p in
             Self.getRefcount(p.bytes, index, header.refcountOrder)
         }
     }
@@ -69,7 +69,7 @@ extension QCOW2Layer {
             try setRefcount(cluster: blockOffset / clusterSize, 1)
         }
         let index = c % refcountsPerBlock
-        try cache.withPage(owner: owner, offset: blockOffset, count: Int(clusterSize), load: { try file.read(into: $0, at: blockOffset) }) { p in
+        try cache.withPage(owner: owner, offset: blockOffset, count: Int(clusterSize), from: file, at: blockOffset) { p in
             Self.putRefcount(&p.bytes, index, header.refcountOrder, value)
             cache.markDirty(p, rank: Self.rankRefcountBlock)
         }
@@ -162,7 +162,7 @@ extension QCOW2Layer {
         if blockOffset == 0 { return freeHint }
         let first = freeHint % refcountsPerBlock, last = blockEnd - block * refcountsPerBlock
         let free: UInt64? = try cache.withPage(owner: owner, offset: blockOffset,
-                                               count: Int(clusterSize), load: { try file.read(into: $0, at: blockOffset) }) { p in
+                                               count: Int(clusterSize), from: file, at: blockOffset) { p in
             var i = first
             while i < last {
                 if Self.getRefcount(p.bytes, i, header.refcountOrder) == 0 { return i }

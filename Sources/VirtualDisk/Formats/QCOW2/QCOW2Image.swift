@@ -128,7 +128,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         let pos = table + index * 8
         let page = pos.alignedDown(clusterSize)
         let within = Int(pos - page)
-        return try cache.withPage(owner: owner, offset: page, count: Int(clusterSize), load: { try file.read(into: $0, at: page) }) { p in
+        return try cache.withPage(owner: owner, offset: page, count: Int(clusterSize), from: file, at: page) { p in
             ByteReader(p.bytes).be64(within)
         }
     }
@@ -137,7 +137,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         let pos = table + index * 8
         let page = pos.alignedDown(clusterSize)
         let within = Int(pos - page)
-        try cache.withPage(owner: owner, offset: page, count: Int(clusterSize), load: { try file.read(into: $0, at: page) }) { p in
+        try cache.withPage(owner: owner, offset: page, count: Int(clusterSize), from: file, at: page) { p in
             p.bytes.putBE64(value, at: within)
             cache.markDirty(p, rank: rank)
         }

@@ -295,7 +295,7 @@ extension QCOW2Layer {
         let new = try allocateCluster()
         var bytes = [UInt8](repeating: 0, count: Int(clusterSize))
         if old != 0 {
-            bytes = try cache.withPage(owner: owner, offset: old, count: Int(clusterSize), load: { try file.read(into: $0, at: old) }) { $0.bytes }
+            bytes = try cache.withPage(owner: owner, offset: old, count: Int(clusterSize), from: file, at: old) { $0.bytes }
             // Entries in the copy keep their data clusters; their refcounts already count
             // the snapshot's reference, so the copy's entries are not "copied".
             let step = Int(header.l2EntrySize)

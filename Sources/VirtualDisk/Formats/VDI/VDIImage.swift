@@ -187,14 +187,14 @@ public final class VDILayer: FormatLayer, @unchecked Sendable {
 
     func mapEntry(_ i: UInt64) throws -> UInt32 {
         let (key, length, within) = mapPage(i * 4)
-        return try cache.withPage(owner: owner, offset: key, count: length, load: { try file.read(into: $0, at: key) }) { p in
+        return try cache.withPage(owner: owner, offset: key, count: length, from: file, at: key) { p in
             ByteReader(p.bytes).le32(within)
         }
     }
 
     func setMapEntry(_ i: UInt64, _ value: UInt32) throws {
         let (key, length, within) = mapPage(i * 4)
-        try cache.withPage(owner: owner, offset: key, count: length, load: { try file.read(into: $0, at: key) }) { p in
+        try cache.withPage(owner: owner, offset: key, count: length, from: file, at: key) { p in
             p.bytes.putLE32(value, at: within)
             cache.markDirty(p, rank: Self.rankMap)
         }
@@ -205,7 +205,7 @@ public final class VDILayer: FormatLayer, @unchecked Sendable {
         var i: UInt64 = 0
         while i < blocks {
             let (key, length, _) = mapPage(i * 4)
-            let entries = try cache.withPage(owner: owner, offset: key, count: length, load: { try file.read(into: $0, at: key) }) { p in
+            let entries = try cache.withPage(owner: owner, offset: key, count: length, from: file, at: key) { p in
                 (0..<(length / 4)).map { ByteReader(p.bytes).le32($0 * 4) }
             }
             for e in entries {

@@ -241,14 +241,14 @@ public final class VHDLayer: FormatLayer, @unchecked Sendable {
 
     func batEntry(_ i: UInt64) throws -> UInt32 {
         let (key, length, within) = batPage(i * 4)
-        return try cache.withPage(owner: owner, offset: key, count: length, load: { try file.read(into: $0, at: key) }) { p in
+        return try cache.withPage(owner: owner, offset: key, count: length, from: file, at: key) { p in
             ByteReader(p.bytes).be32(within)
         }
     }
 
     func setBATEntry(_ i: UInt64, _ value: UInt32) throws {
         let (key, length, within) = batPage(i * 4)
-        try cache.withPage(owner: owner, offset: key, count: length, load: { try file.read(into: $0, at: key) }) { p in
+        try cache.withPage(owner: owner, offset: key, count: length, from: file, at: key) { p in
             p.bytes.putBE32(value, at: within)
             cache.markDirty(p, rank: Self.rankBAT)
         }
@@ -273,7 +273,7 @@ public final class VHDLayer: FormatLayer, @unchecked Sendable {
     }
 
     func withBitmap<R>(_ block: UInt64, _ body: (MetadataCache.Page) throws -> R) throws -> R {
-        try cache.withPage(owner: owner, offset: block, count: Int(bitmapSize), load: { try file.read(into: $0, at: block) }, body)
+        try cache.withPage(owner: owner, offset: block, count: Int(bitmapSize), from: file, at: block, body)
     }
 
     @inline(__always)

@@ -271,7 +271,7 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
         let count = Int(min(Self.pageSize, gdBytes - pageStart))
         let f = sparseFile
         return try cache.withPage(owner: redundant ? ownerRGD : ownerGD, offset: page,
-                                  count: count, load: { try f.read(into: $0, at: base + pageStart) }) { p in
+                                  count: count, from: f, at: base + pageStart) { p in
             let o = Int(byte - pageStart)
             guard o + Int(entrySize) <= p.bytes.count else { throw Self.corrupt(f, "grain directory page is short") }
             return try body(p, o)
