@@ -4,7 +4,7 @@ import Testing
 
 /// Lookups in one image do not wait for each other's metadata reads
 /// (`MetadataLock.lookup`, `MetadataCache.withPage`).
-@Suite("lookups do not wait for each other's metadata I/O", .timeLimit(.minutes(2)))
+@Suite("lookups do not wait for each other's metadata I/O", .hangBackstop)
 struct LookupConcurrencyTests {
     /// Run `body` on a thread of its own; the semaphore is signalled when it returns.
     func spawn(_ body: @escaping @Sendable () -> Void) -> DispatchSemaphore {

@@ -30,7 +30,7 @@ let nbdVariants: [NBDVariant] = [
 ]
 
 @Suite("NBD server with real clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio)",
-       .enabled(if: haveNBDTools), .serialized, .timeLimit(.minutes(5)))
+       .enabled(if: haveNBDTools), .serialized, .hangBackstop)
 struct NBDServerTests {
     func make(_ v: NBDVariant, in dir: TempDir) throws {
         for c in v.create {

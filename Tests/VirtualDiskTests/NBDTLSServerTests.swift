@@ -95,7 +95,7 @@ final class VHDIMount {
 }
 
 @Suite("NBD over TLS, the server-wide memory budget, and libvhdi reading what the server wrote",
-       .enabled(if: haveNBDTools), .serialized, .timeLimit(.minutes(5)))
+       .enabled(if: haveNBDTools), .serialized, .hangBackstop)
 struct NBDTLSServerTests {
     /// The guest view as qemu-img sees it.
     func reference(_ image: String, format: String, in dir: TempDir) throws -> [UInt8] {

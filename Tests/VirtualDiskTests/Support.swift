@@ -165,3 +165,12 @@ func attachDaemonPID(_ dev: String) throws -> String {
     let escaped = dev.replacingOccurrences(of: "/", with: "\\\\/")
     return try sh(["sh", "-c", "grep -l '\"\(escaped)\"' /run/vloop/*/info.json | xargs grep '\"pid\"' | tr -dc 0-9"], timeout: 30).out
 }
+
+extension Trait where Self == TimeLimitTrait {
+    /// A backstop against a hung test, not a speed check. Swift Testing starts a test's
+    /// clock when the test is scheduled, not when its synchronous body gets one of the
+    /// cooperative threads (two on this machine kind): a test queued behind long attach
+    /// and conformance tests has waited over seven minutes before running for seconds.
+    /// Every child process and every wait in the tests has its own, shorter bound.
+    static var hangBackstop: Self { .timeLimit(.minutes(30)) }
+}
