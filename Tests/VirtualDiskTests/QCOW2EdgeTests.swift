@@ -25,6 +25,65 @@ struct QCOW2EdgeTests {
         try sh(["qemu-img", "check", dir.file("ours.qcow2")])
     }
 
+    /// Bytes of `path` that hold data (not holes) in `offset..<offset+length`.
+    func dataBytes(_ path: String, _ offset: Int, _ length: Int) throws -> Int {
+        let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE (_GNU_SOURCE)
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw TestFailure("open \(path): errno \(errno)") }
+        defer { close(fd) }
+        var total = 0, at = offset
+        while at < offset + length {
+            let data = lseek(fd, at, seekData)
+            if data < 0 || data >= offset + length { break }
+            let hole = min(lseek(fd, data, seekHole), offset + length)
+            total += hole - data
+            at = hole
+        }
+        return total
+    }
+
+    @Test("tables are cached and written in 4 KiB pages: a cold read of a 2 MiB-cluster image loads 8 KiB, a new L2 table with one entry takes two blocks")
+    func metadataPages() throws {
+        let dir = TempDir()
+        let path = dir.file("big.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", path, "2T"])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 40G 64k", path])
+
+        // One read, cold: the L1 page and the L2 page that map it, 4 KiB each.
+        let cache = MetadataCache(budget: 8 << 20)
+        var ro = OpenOptions(format: .qcow2, writable: false)
+        ro.userNamed = [path]
+        ro.cache = cache
+        let image = try ImageOpener.open(path, options: ro)
+        #expect(try image.read(at: (40 << 30) + 4096, count: 4096) == [UInt8](repeating: 0x5a, count: 4096))
+        #expect(cache.statistics.pages == 2 && cache.statistics.used == 2 * (4096 + MetadataCache.pageOverhead),
+                "\(cache.statistics)")
+        try image.close()
+
+        // A write at 1 TiB + 4 GiB + 600 MiB makes the third L2 table (512 GiB each); the
+        // entry, cluster 2348 of the table's 262144, lies in its page 4. The cluster's
+        // first block (so that the file reaches it) and that page are written, no more.
+        var rw = OpenOptions(format: .qcow2, writable: true)
+        rw.userNamed = [path]
+        rw.cache = cache
+        let writer = try ImageOpener.open(path, options: rw)
+        try writer.write([UInt8](repeating: 0xc3, count: 4096), at: 1_104_435_740_672)
+        try writer.close()
+        let header = try readFile(path)
+        let l1 = ByteReader(header).be64(40)
+        let fh = try #require(FileHandle(forReadingAtPath: path))
+        fh.seek(toFileOffset: l1 + 16)
+        let l2 = ByteReader([UInt8](fh.readData(ofLength: 8))).be64(0) & 0x00ff_ffff_ffff_fe00
+        fh.closeFile()
+        #expect(l2 != 0 && l2 % (2 << 20) == 0)
+        let held = try dataBytes(path, Int(l2), 2 << 20)
+        #expect(held > 0 && held <= 8192, "the new L2 table holds \(held) bytes of data")
+
+        try sh(["qemu-img", "check", path])
+        let io = try sh(["qemu-io", "-f", "qcow2", "-c", "read -P 0xc3 1104435740672 4k", "-c", "read -P 0x5a 40G 64k", "-c", "read -P 0 1104435736576 4k", path])
+        #expect(!io.out.contains("Pattern verification failed"), "\(io.out)")
+    }
+
     @Test("preallocation modes give clean images that read as zeroes", arguments: ["metadata", "falloc", "full"])
     func preallocation(_ mode: String) throws {
         let dir = TempDir()

@@ -104,6 +104,25 @@ public final class MetadataCache: Sendable {
             used -= MetadataCache.cost(p.bytes.count)
             if recycling && p.pins == 0 { recycle(&p.bytes) }
         }
+        mutating func install(_ key: Key, _ bytes: [UInt8], rank: Int) {
+            if let old = pages[key] {
+                remove(old)
+                dirty[key.owner]?[key.offset] = nil
+            }
+            let p = Page(key: key, bytes: bytes)
+            p.dirty = true
+            p.rank = rank
+            pages[key] = p
+            pushFront(p)
+            used += MetadataCache.cost(bytes.count)
+            peak = max(peak, used)
+            dirty[key.owner, default: [:]][key.offset] = p
+        }
+        mutating func invalidate(_ key: Key) {
+            guard let p = pages[key] else { return }
+            dirty[key.owner]?[key.offset] = nil
+            if p.pins == 0 { remove(p) } else { pages[key] = nil; unlink(p); used -= MetadataCache.cost(p.bytes.count) }
+        }
         /// Evict clean, unpinned pages from the cold end until within budget.
         mutating func evict() {
             var cursor = tail
@@ -213,20 +232,20 @@ public final class MetadataCache: Sendable {
     /// Put a page the owner has just created (a newly allocated table) into the cache,
     /// replacing anything cached at that offset, and mark it dirty.
     public func install(owner: UInt64, offset: UInt64, bytes: [UInt8], rank: Int) {
-        let key = Key(owner: owner, offset: offset)
         state.withLock { s in
-            if let old = s.pages[key] {
-                s.remove(old)
-                s.dirty[owner]?[offset] = nil
+            s.install(Key(owner: owner, offset: offset), bytes, rank: rank)
+            s.evict()
+        }
+    }
+
+    /// `install` for a table cached in pages of `pageSize`: `bytes` is cut into pages
+    /// starting at `offset`, each one installed dirty.
+    public func install(owner: UInt64, offset: UInt64, bytes: [UInt8], pageSize: Int, rank: Int) {
+        precondition(pageSize > 0 && bytes.count % pageSize == 0, "a table is a whole number of pages")
+        state.withLock { s in
+            for start in stride(from: 0, to: bytes.count, by: pageSize) {
+                s.install(Key(owner: owner, offset: offset + UInt64(start)), Array(bytes[start..<(start + pageSize)]), rank: rank)
             }
-            let p = Page(key: key, bytes: bytes)
-            p.dirty = true
-            p.rank = rank
-            s.pages[key] = p
-            s.pushFront(p)
-            s.used += MetadataCache.cost(bytes.count)
-            s.peak = max(s.peak, s.used)
-            s.dirty[owner, default: [:]][offset] = p
             s.evict()
         }
     }
@@ -242,11 +261,22 @@ public final class MetadataCache: Sendable {
 
     /// Forget a cached page (the cluster it lived in was freed or now holds data).
     public func invalidate(owner: UInt64, offset: UInt64) {
-        state.withLock { s in
-            let key = Key(owner: owner, offset: offset)
-            if let p = s.pages[key] {
-                s.dirty[owner]?[offset] = nil
-                if p.pins == 0 { s.remove(p) } else { s.pages[key] = nil; s.unlink(p); s.used -= MetadataCache.cost(p.bytes.count) }
+        state.withLock { $0.invalidate(Key(owner: owner, offset: offset)) }
+    }
+
+    /// Forget the pages of `pageSize` cached for `length` bytes from `offset` (a run of
+    /// clusters that was freed or now holds data).
+    public func invalidate(owner: UInt64, offset: UInt64, length: UInt64, pageSize: UInt64) {
+        var at = offset
+        let end = offset + length
+        while at < end {
+            // A few dozen pages per hold: a long run of big clusters must not keep every
+            // other image's lookups waiting.
+            state.withLock { s in
+                for _ in 0..<64 where at < end {
+                    s.invalidate(Key(owner: owner, offset: at))
+                    at += pageSize
+                }
             }
         }
     }

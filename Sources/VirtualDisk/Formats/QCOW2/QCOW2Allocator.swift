@@ -7,15 +7,25 @@ extension QCOW2Layer {
     var refcountsPerBlock: UInt64 { clusterSize * 8 / header.refcountBits }
     var refcountTableEntries: UInt64 { UInt64(header.refcountTableClusters) * clusterSize / 8 }
     var maxRefcount: UInt64 { header.refcountBits == 64 ? UInt64.max : (1 << header.refcountBits) - 1 }
+    /// Refcount entries in one cached page of a refcount block.
+    var refcountsPerPage: UInt64 { pageSize * 8 / header.refcountBits }
+
+    /// Run `body` on the cached page of the refcount block at `blockOffset` that holds
+    /// entry `index`, with the entry's index within the page.
+    func withRefcountPage<R>(_ blockOffset: UInt64, _ index: UInt64, _ body: (MetadataCache.Page, UInt64) throws -> R) throws -> R {
+        let page = blockOffset + index / refcountsPerPage * pageSize
+        return try cache.withPage(owner: owner, offset: page, count: Int(pageSize), from: file, at: page) { p in
+            try body(p, index % refcountsPerPage)
+        }
+    }
 
     func refcount(cluster c: UInt64) throws -> UInt64 {
         let block = c / refcountsPerBlock
         if block >= refcountTableEntries { return 0 }
         let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
         if blockOffset == 0 { return 0 }
-        let index = c % refcountsPerBlock
-        return try cache.withPage(owner: owner, offset: blockOffset, count: Int(clusterSize), from: file, at: blockOffset) { p in
-            Self.getRefcount(p.bytes, index, header.refcountOrder)
+        return try withRefcountPage(blockOffset, c % refcountsPerBlock) { p, i in
+            Self.getRefcount(p.bytes, i, header.refcountOrder)
         }
     }
 
@@ -64,13 +74,12 @@ extension QCOW2Layer {
             if value == 0 { return }
             blockOffset = endCluster * clusterSize
             endCluster += 1
-            cache.install(owner: owner, offset: blockOffset, bytes: [UInt8](repeating: 0, count: Int(clusterSize)), rank: Self.rankRefcountBlock)
+            installTable(at: blockOffset, [UInt8](repeating: 0, count: Int(clusterSize)), rank: Self.rankRefcountBlock)
             try setTableEntry(header.refcountTableOffset, block, blockOffset, rank: Self.rankRefcountTable)
             try setRefcount(cluster: blockOffset / clusterSize, 1)
         }
-        let index = c % refcountsPerBlock
-        try cache.withPage(owner: owner, offset: blockOffset, count: Int(clusterSize), from: file, at: blockOffset) { p in
-            Self.putRefcount(&p.bytes, index, header.refcountOrder, value)
+        try withRefcountPage(blockOffset, c % refcountsPerBlock) { p, i in
+            Self.putRefcount(&p.bytes, i, header.refcountOrder, value)
             cache.markDirty(p, rank: Self.rankRefcountBlock)
         }
         if value == 0 && c < freeHint { freeHint = c }
@@ -102,7 +111,7 @@ extension QCOW2Layer {
         header.refcountTableClusters = UInt32(newClusters)
         try writeHeaderFields()
         try file.sync()
-        for k in 0..<oldClusters { cache.invalidate(owner: owner, offset: oldOffset + k * clusterSize) }
+        forgetClusters(at: oldOffset, count: oldClusters)
         for k in 0..<newClusters { try setRefcount(cluster: newOffset / clusterSize + k, 1) }
         for k in 0..<oldClusters { try setRefcount(cluster: oldOffset / clusterSize + k, 0) }
     }
@@ -133,7 +142,7 @@ extension QCOW2Layer {
     /// within the hint's refcount block, else a new one at the end of the file. Free
     /// clusters further on are left for `advanceFreeHint` to find before the next
     /// allocation: a change scans at most one refcount block, so it holds the lock for
-    /// two page reads at most (the refcount table page and the block).
+    /// the reads of one refcount table page and one block's pages at most.
     func allocateCluster() throws -> UInt64 {
         let c: UInt64
         if let free = try freeClusterInHintBlock() {
@@ -146,13 +155,13 @@ extension QCOW2Layer {
         }
         try setRefcount(cluster: c, 1)
         let offset = c * clusterSize
-        cache.invalidate(owner: owner, offset: offset)
+        forgetClusters(at: offset)
         return offset
     }
 
     /// The first free cluster below the end of the file from `freeHint` to the end of
     /// its refcount block, moving the hint past the clusters in use. Reads the refcount
-    /// table page and the block, at most. Runs under `lock`.
+    /// table page and the block's pages, at most. Runs under `lock`.
     func freeClusterInHintBlock() throws -> UInt64? {
         guard freeHint < endCluster else { return nil }
         let block = freeHint / refcountsPerBlock
@@ -161,14 +170,20 @@ extension QCOW2Layer {
         let blockOffset = try tableEntry(header.refcountTableOffset, block) & ~(clusterSize - 1)
         if blockOffset == 0 { return freeHint }
         let first = freeHint % refcountsPerBlock, last = blockEnd - block * refcountsPerBlock
-        let free: UInt64? = try cache.withPage(owner: owner, offset: blockOffset,
-                                               count: Int(clusterSize), from: file, at: blockOffset) { p in
-            var i = first
-            while i < last {
-                if Self.getRefcount(p.bytes, i, header.refcountOrder) == 0 { return i }
-                i += 1
+        var free: UInt64?
+        var i = first
+        while i < last && free == nil {
+            // Page by page: the rest of a page is scanned once it is loaded.
+            let pageEnd = min(last, (i / refcountsPerPage + 1) * refcountsPerPage)
+            free = try withRefcountPage(blockOffset, i) { p, within in
+                var k = within
+                while i < pageEnd {
+                    if Self.getRefcount(p.bytes, k, header.refcountOrder) == 0 { return i }
+                    i += 1
+                    k += 1
+                }
+                return nil
             }
-            return nil
         }
         if let i = free {
             freeHint = block * refcountsPerBlock + i
@@ -199,7 +214,7 @@ extension QCOW2Layer {
             }
             try setRefcount(cluster: c, rc - 1)
             if rc == 1 {
-                cache.invalidate(owner: owner, offset: c * clusterSize)
+                forgetClusters(at: c * clusterSize)
                 file.punchHole(at: c * clusterSize, length: clusterSize)
             }
         }

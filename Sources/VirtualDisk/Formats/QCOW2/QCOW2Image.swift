@@ -2,8 +2,10 @@
 /// entries, zero clusters, compressed clusters (zlib, zstd), external data files,
 /// refcounts of 1 to 64 bits, internal snapshots.
 ///
-/// Every table (L1, L2, refcount table, refcount blocks) is read in cluster-sized pages
-/// through the shared `MetadataCache`; nothing is held whole. Write-back ranks, lowest
+/// Every table (L1, L2, refcount table, refcount blocks) is read in pages of 4 KiB (or
+/// the cluster, when smaller) through the shared `MetadataCache`; nothing is held whole.
+/// A lookup that misses reads 4 KiB, not a whole 64 KiB or 2 MiB table, as qemu's L2
+/// slices do; tables are cluster aligned, so no page straddles two of them. Write-back ranks, lowest
 /// first, with a storage barrier before each rank:
 ///
 ///     data clusters (written directly) → 0 refcount blocks → 1 refcount table
@@ -45,6 +47,8 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     var compressedCursor: UInt64?
 
     var clusterSize: UInt64 { header.clusterSize }
+    /// The size of a metadata page in the cache.
+    let pageSize: UInt64
     var externalData: Bool { dataFile !== file }
 
     init(file: HostFile, header: QCOW2Header, dataFile: HostFile?, context: OpenContext) throws {
@@ -54,6 +58,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         self.cache = context.cache
         self.writable = context.writable
         self.endCluster = (try file.size()).alignedUp(header.clusterSize) / header.clusterSize
+        self.pageSize = min(header.clusterSize, 4096)
     }
 
     /// Open a QCOW2 image: parse, validate, and (read-write) repair a dirty image.
@@ -123,24 +128,48 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
 
     // MARK: tables through the cache
 
-    /// Read the 64-bit big-endian entry `index` of the table at `table`.
-    func tableEntry(_ table: UInt64, _ index: UInt64) throws -> UInt64 {
-        let pos = table + index * 8
-        let page = pos.alignedDown(clusterSize)
-        let within = Int(pos - page)
-        return try cache.withPage(owner: owner, offset: page, count: Int(clusterSize), from: file, at: page) { p in
-            ByteReader(p.bytes).be64(within)
+    /// Run `body` on the cached page that holds byte `pos` of the image file, with the
+    /// offset of `pos` within it.
+    func withTablePage<R>(_ pos: UInt64, _ body: (MetadataCache.Page, Int) throws -> R) throws -> R {
+        let page = pos.alignedDown(pageSize)
+        return try cache.withPage(owner: owner, offset: page, count: Int(pageSize), from: file, at: page) { p in
+            try body(p, Int(pos - page))
         }
     }
 
+    /// Read the 64-bit big-endian entry `index` of the table at `table`.
+    func tableEntry(_ table: UInt64, _ index: UInt64) throws -> UInt64 {
+        try withTablePage(table + index * 8) { p, within in ByteReader(p.bytes).be64(within) }
+    }
+
     func setTableEntry(_ table: UInt64, _ index: UInt64, _ value: UInt64, rank: Int) throws {
-        let pos = table + index * 8
-        let page = pos.alignedDown(clusterSize)
-        let within = Int(pos - page)
-        try cache.withPage(owner: owner, offset: page, count: Int(clusterSize), from: file, at: page) { p in
+        try withTablePage(table + index * 8) { p, within in
             p.bytes.putBE64(value, at: within)
             cache.markDirty(p, rank: rank)
         }
+    }
+
+    /// A whole table (`length` bytes from `offset`) as it stands, dirty pages included.
+    func readTable(at offset: UInt64, length: UInt64) throws -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(Int(length))
+        var at = offset
+        while at < offset + length {
+            try withTablePage(at) { p, _ in out += p.bytes }
+            at += pageSize
+        }
+        return out
+    }
+
+    /// Put a table this image has just made (`bytes`, whole clusters) into the cache, dirty.
+    func installTable(at offset: UInt64, _ bytes: [UInt8], rank: Int) {
+        cache.install(owner: owner, offset: offset, bytes: bytes, pageSize: Int(pageSize), rank: rank)
+    }
+
+    /// Forget whatever the cache holds for `count` clusters from `offset`: they were
+    /// freed, or hold something else now.
+    func forgetClusters(at offset: UInt64, count: UInt64 = 1) {
+        cache.invalidate(owner: owner, offset: offset, length: count * clusterSize, pageSize: pageSize)
     }
 
     /// L2 table offset for L1 index `i` in the L1 table at `l1` (0 when unallocated).
@@ -330,19 +359,24 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     /// Write a metadata page, leaving its all-zero tail as a hole: mostly-empty tables
-    /// (a fresh L1, a new refcount block) then take one file-system block, not a cluster.
+    /// (a fresh L1, a new refcount block) then take a file-system block or two, not a
+    /// cluster. An all-zero page past the end of the file is not written at all, except
+    /// at the start of a cluster: the file must reach every cluster in use, or the next
+    /// open would take the end of the file for free space.
     private func writePage(_ bytes: [UInt8], at offset: UInt64) throws {
         var used = bytes.count
         while used > 0 && bytes[used - 1] == 0 { used -= 1 }
         let head = min(bytes.count, (used + 4095) / 4096 * 4096)
-        if head == bytes.count || head == 0 && bytes.isEmpty {
+        if head == bytes.count {
             try file.write(bytes, at: offset)
             return
         }
         let tail = UInt64(bytes.count - head)
         if try file.size() <= offset + UInt64(head) {
             // The tail lies past the end of the file: it reads as zeroes already.
-            try file.write(Array(bytes[0..<max(head, 8)]), at: offset)
+            if head > 0 || offset % clusterSize == 0 {
+                try file.write(Array(bytes[0..<max(head, 8)]), at: offset)
+            }
         } else if file.punchHole(at: offset + UInt64(head), length: tail) {
             if head > 0 { try file.write(Array(bytes[0..<head]), at: offset) }
         } else {

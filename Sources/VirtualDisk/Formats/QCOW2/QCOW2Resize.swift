@@ -45,8 +45,7 @@ extension QCOW2Layer: ResizableLayer, BackingSettableLayer, EmptiableLayer, Chec
         header.l1Size = UInt32(entries)
         try writeHeaderFields()
         try file.sync()
-        var k: UInt64 = 0
-        while k < oldSize.alignedUp(clusterSize) { cache.invalidate(owner: owner, offset: old + k); k += clusterSize }
+        forgetClusters(at: old, count: oldSize.alignedUp(clusterSize) / clusterSize)
         if oldSize > 0 { try freeRange(old, oldSize) }
     }
 

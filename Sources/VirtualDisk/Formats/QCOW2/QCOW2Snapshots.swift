@@ -92,7 +92,7 @@ extension QCOW2Layer {
             let new = Int64(rc) + delta
             if new < 0 { throw ImageError(.corrupt, "refcount of cluster \(c) would go below zero; run 'vloop check -r all'", path: file.path) }
             try setRefcount(cluster: c, UInt64(new))
-            if new == 0 { cache.invalidate(owner: owner, offset: c * clusterSize); file.punchHole(at: c * clusterSize, length: clusterSize) }
+            if new == 0 { forgetClusters(at: c * clusterSize); file.punchHole(at: c * clusterSize, length: clusterSize) }
         }
         for i in 0..<size {
             let l2 = try tableEntry(l1, i) & L2Entry.offsetMask

@@ -55,7 +55,7 @@ extension QCOW2Layer {
             guard try freeClusterInHintBlock() == nil, freeHint >= endCluster else { return (0, 0) }
             let h = try allocateContiguous(n)
             freeHint = endCluster
-            for k in 0..<n { cache.invalidate(owner: owner, offset: h + k * clusterSize) }
+            forgetClusters(at: h, count: n)
             return (n, h)
         }
         guard count > 0 else { return 0 }
@@ -295,7 +295,7 @@ extension QCOW2Layer {
         let new = try allocateCluster()
         var bytes = [UInt8](repeating: 0, count: Int(clusterSize))
         if old != 0 {
-            bytes = try cache.withPage(owner: owner, offset: old, count: Int(clusterSize), from: file, at: old) { $0.bytes }
+            bytes = try readTable(at: old, length: clusterSize)
             // Entries in the copy keep their data clusters; their refcounts already count
             // the snapshot's reference, so the copy's entries are not "copied".
             let step = Int(header.l2EntrySize)
@@ -307,7 +307,7 @@ extension QCOW2Layer {
                 }
             }
         }
-        cache.install(owner: owner, offset: new, bytes: bytes, rank: Self.rankL2)
+        installTable(at: new, bytes, rank: Self.rankL2)
         try setTableEntry(header.l1TableOffset, l1Index, new | L2Entry.copied, rank: Self.rankL1)
         if old != 0 { deferredFrees.append((old, clusterSize)) }
         return new
