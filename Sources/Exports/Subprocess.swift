@@ -15,8 +15,13 @@ public enum Subprocess {
         public var err: String
     }
 
+    /// What `run` keeps of each stream: host tools answer in lines, and a child that
+    /// writes without end must not take this process's memory with it.
+    public static let outputLimit = 1 << 20
+
     /// Run `args` to the end, collecting what it writes to stdout and stderr (both read
-    /// as they come, so neither pipe filling up can stall it).
+    /// as they come, so neither pipe filling up can stall it; past `outputLimit` bytes
+    /// a stream is read and dropped).
     public static func run(_ args: [String]) throws -> Output {
         let out = try Pipe()
         let err: Pipe
@@ -40,7 +45,7 @@ public enum Subprocess {
             for i in fds.indices where fds[i].fd >= 0 && fds[i].revents != 0 {
                 let n = buffer.withUnsafeMutableBytes { read(fds[i].fd, $0.baseAddress, $0.count) }
                 if n > 0 {
-                    collected[i] += buffer[0..<n]
+                    collected[i] += buffer[0..<min(n, max(0, outputLimit - collected[i].count))]
                 } else if n == 0 || errno != EINTR {
                     close(fds[i].fd)
                     fds[i].fd = -1

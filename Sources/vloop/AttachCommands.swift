@@ -98,9 +98,9 @@ struct Attach: ParsableCommand {
 }
 
 func selfExecutable() -> String {
-    var buf = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-    return n > 0 ? String(cString: buf) : CommandLine.arguments[0]
+    var buf = [UInt8](repeating: 0, count: 4096)
+    let n = buf.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count - 1) }
+    return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : CommandLine.arguments[0]
 }
 
 /// Stop an attach daemon and wait until it has cleaned up.

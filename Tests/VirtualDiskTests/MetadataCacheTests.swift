@@ -73,4 +73,36 @@ import Testing
         try cache.writeBack(owner: owner, barrier: {}, write: { offset, bytes in written.append(offset); #expect(bytes.count == 4096) })
         #expect(written == [1 << 30])
     }
+
+    /// Whether page `offset` (4 KiB) of `owner` is cached: a miss records nothing and
+    /// leaves it uncached (the load throws).
+    func cached(_ cache: MetadataCache, _ owner: UInt64, _ offset: UInt64) -> Bool {
+        struct Miss: Error {}
+        return (try? cache.withPage(owner: owner, offset: offset, count: 4096, load: { _ in throw Miss() }) { _ in true }) ?? false
+    }
+
+    @Test("a table installed as a run of pages is dirty page by page; invalidating a range forgets exactly its pages, also ones loaded later and higher")
+    func pageRuns() throws {
+        let cache = MetadataCache(budget: 1 << 20)
+        let owner = MetadataCache.newOwner(), other = MetadataCache.newOwner()
+        let table = (0..<16384).map { UInt8(truncatingIfNeeded: $0 / 4096 + 1) }
+        cache.install(owner: owner, offset: 1 << 16, bytes: table, pageSize: 4096, rank: 2)
+        cache.install(owner: other, offset: 1 << 16, bytes: table, pageSize: 4096, rank: 2)
+        var written: [UInt64: UInt8] = [:]
+        try cache.writeBack(owner: owner, barrier: {}, write: { off, bytes in
+            #expect(bytes.count == 4096 && Set(bytes).count == 1)
+            written[off] = bytes[0]
+        })
+        #expect(written == [0x10000: 1, 0x11000: 2, 0x12000: 3, 0x13000: 4])
+
+        cache.invalidate(owner: owner, offset: 0x11000, length: 0x2000, pageSize: 4096)
+        #expect([0x10000, 0x11000, 0x12000, 0x13000].map { cached(cache, owner, $0) } == [true, false, false, true])
+        #expect(cached(cache, other, 0x11000), "another owner's page was forgotten")
+
+        // A page loaded above everything installed so far is found by a later range.
+        try cache.withPage(owner: owner, offset: 1 << 40, count: 4096, load: { _ in }) { _ in }
+        cache.invalidate(owner: owner, offset: (1 << 40) - (1 << 30), length: 2 << 30, pageSize: 4096)
+        #expect(!cached(cache, owner, 1 << 40))
+        #expect(cached(cache, owner, 0x13000))
+    }
 }

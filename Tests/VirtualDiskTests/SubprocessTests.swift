@@ -16,6 +16,14 @@ import Testing
         #expect(throws: (any Error).self) { try Subprocess.run(["vloop-no-such-program"]) }
     }
 
+    @Test("a child writing 50 MB is read to its exit; only the first outputLimit bytes are kept")
+    func boundedOutput() throws {
+        let r = try Subprocess.run(["sh", "-c", "head -c 50000000 /dev/zero | tr '\\000' o; echo done >&2"])
+        #expect(r.status == 0)
+        #expect(r.out.utf8.count == Subprocess.outputLimit && r.out.allSatisfy { $0 == "o" })
+        #expect(r.err == "done\n")
+    }
+
     @Test("the child inherits no descriptor but stdin, stdout and stderr")
     func noInheritedDescriptors() throws {
         // A descriptor without close-on-exec, as one handed down by a parent would be.

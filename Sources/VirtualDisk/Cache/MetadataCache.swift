@@ -51,6 +51,9 @@ public final class MetadataCache: Sendable {
         var used = 0
         var pages: [Key: Page] = [:]
         var dirty: [UInt64: [UInt64: Page]] = [:]  // owner -> offset -> page
+        /// owner -> the highest offset it has ever had a page at: a range above it holds
+        /// nothing cached (a run of clusters just added at the end of an image).
+        var highest: [UInt64: UInt64] = [:]
         var head: Page?  // most recently used
         var tail: Page?  // least recently used
         var hits: UInt64 = 0
@@ -104,6 +107,13 @@ public final class MetadataCache: Sendable {
             used -= MetadataCache.cost(p.bytes.count)
             if recycling && p.pins == 0 { recycle(&p.bytes) }
         }
+        mutating func insert(_ p: Page) {
+            pages[p.key] = p
+            pushFront(p)
+            used += MetadataCache.cost(p.bytes.count)
+            peak = max(peak, used)
+            highest[p.key.owner] = max(highest[p.key.owner] ?? 0, p.key.offset)
+        }
         mutating func install(_ key: Key, _ bytes: [UInt8], rank: Int) {
             if let old = pages[key] {
                 remove(old)
@@ -112,10 +122,7 @@ public final class MetadataCache: Sendable {
             let p = Page(key: key, bytes: bytes)
             p.dirty = true
             p.rank = rank
-            pages[key] = p
-            pushFront(p)
-            used += MetadataCache.cost(bytes.count)
-            peak = max(peak, used)
+            insert(p)
             dirty[key.owner, default: [:]][key.offset] = p
         }
         mutating func invalidate(_ key: Key) {
@@ -210,10 +217,7 @@ public final class MetadataCache: Sendable {
                 }
                 let p = Page(key: key, bytes: bytes)
                 p.pins = 1
-                s.pages[key] = p
-                s.pushFront(p)
-                s.used += MetadataCache.cost(count)
-                s.peak = max(s.peak, s.used)
+                s.insert(p)
                 s.evict()
                 return p
             }
@@ -268,7 +272,7 @@ public final class MetadataCache: Sendable {
     /// clusters that was freed or now holds data).
     public func invalidate(owner: UInt64, offset: UInt64, length: UInt64, pageSize: UInt64) {
         var at = offset
-        let end = offset + length
+        let end = min(offset + length, state.withLock { s in s.highest[owner].map { $0 + 1 } ?? 0 })
         while at < end {
             // A few dozen pages per hold: a long run of big clusters must not keep every
             // other image's lookups waiting.
@@ -323,6 +327,7 @@ public final class MetadataCache: Sendable {
             let keys = s.pages.keys.filter { $0.owner == owner }
             for k in keys { if let p = s.pages[k] { s.remove(p, recycling: false) } }
             s.dirty[owner] = nil
+            s.highest[owner] = nil
         }
     }
 }

@@ -143,7 +143,7 @@ extension QCOW2Layer {
                 let have = try refcount(cluster: c)
                 if have > want && fixLeaks {
                     try setRefcount(cluster: c, want)
-                    if want == 0 { file.punchHole(at: c * clusterSize, length: clusterSize) }
+                    if want == 0 { forgetClusters(at: c * clusterSize); file.punchHole(at: c * clusterSize, length: clusterSize) }
                     fixedLeaks += 1
                 } else if have < want && fixAll {
                     try setRefcount(cluster: c, min(want, maxRefcount))

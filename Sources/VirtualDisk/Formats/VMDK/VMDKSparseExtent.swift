@@ -323,10 +323,7 @@ final class VMDKSparseExtent: VMDKExtentStore, @unchecked Sendable {
         return try cache.withPage(owner: ownerGT, offset: i, count: n, load: {
             guard let at = try gtLocation(i) else { throw Self.corrupt(f, "grain table \(i) vanished") }
             try f.read(into: $0, at: at)
-        }) { p in
-            guard p.bytes.count == n else { throw Self.corrupt(f, "grain table \(i) is short") }
-            return try body(p)
-        }
+        }, body)
     }
 
     func gtEntry(_ g: UInt64) throws -> UInt64 {
