@@ -13,7 +13,7 @@ extension QCOW2Layer: CompressingLayer {
         var out = [UInt8](repeating: 0, count: size)
         let n: Int = full.withUnsafeBytes { src in
             out.withUnsafeMutableBytes { dst in
-                header.compressionType == 1
+                zstd
                     ? Int(vl_zstd_compress(src.baseAddress, src.count, dst.baseAddress, dst.count - 1, 3))
                     : Int(vl_deflate_raw(src.baseAddress, src.count, dst.baseAddress, dst.count - 1, 6))
             }
@@ -43,7 +43,7 @@ extension QCOW2Layer: CompressingLayer {
                 let old = try l2Entry(guestCluster: c)
                 let host = try allocateCompressedBytes(UInt64(n))
                 try file.write(packed, at: host)
-                let x = 62 - (UInt64(header.clusterBits) - 8)
+                let x = compressedOffsetBits
                 let sectors = (host + UInt64(n) - 1) / 512 - host / 512
                 let entry = L2Entry.compressed | host | sectors << x
                 try setL2Entry(guestCluster: c, L2Entry(raw: entry, bitmap: 0))

@@ -46,9 +46,15 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     /// Where the next compressed cluster may be packed (convert -c).
     var compressedCursor: UInt64?
 
-    var clusterSize: UInt64 { header.clusterSize }
+    // Fixed for the life of the image, so kept apart from `header`: the data path
+    // (compressing, decompressing) reads them without the lock.
+    let clusterSize: UInt64
     /// The size of a metadata page in the cache.
     let pageSize: UInt64
+    /// Bits of a compressed cluster descriptor that hold its host offset.
+    let compressedOffsetBits: UInt64
+    /// Compressed clusters are zstd (compression type 1), else deflate.
+    let zstd: Bool
     var externalData: Bool { dataFile !== file }
 
     init(file: HostFile, header: QCOW2Header, dataFile: HostFile?, context: OpenContext) throws {
@@ -58,7 +64,10 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         self.cache = context.cache
         self.writable = context.writable
         self.endCluster = (try file.size()).alignedUp(header.clusterSize) / header.clusterSize
+        self.clusterSize = header.clusterSize
         self.pageSize = min(header.clusterSize, 4096)
+        self.compressedOffsetBits = 62 - (UInt64(header.clusterBits) - 8)
+        self.zstd = header.compressionType == 1
     }
 
     /// Open a QCOW2 image: parse, validate, and (read-write) repair a dirty image.
@@ -293,7 +302,7 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
 
     /// Host range of a compressed cluster descriptor (qcow2 spec, "Compressed Clusters Descriptor").
     func compressedRange(_ token: UInt64) -> (offset: UInt64, length: UInt64) {
-        let x = 62 - (UInt64(header.clusterBits) - 8)
+        let x = compressedOffsetBits
         let offset = token & ((1 << x) - 1)
         let sectors = (token >> x) & ((1 << (62 - x)) - 1)
         let length = (sectors + 1) * 512 - (offset & 511)
@@ -310,13 +319,13 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         var out = [UInt8](repeating: 0, count: Int(clusterSize))
         let n = input.withUnsafeBytes { src in
             out.withUnsafeMutableBytes { dst in
-                header.compressionType == 1
+                zstd
                     ? vlZstdDecompress(src, dst)
                     : vlInflate(src, dst)
             }
         }
         if n != Int(clusterSize) {
-            throw ImageError(.corrupt, "compressed cluster at \(off) does not decompress (\(header.compressionType == 1 ? "zstd" : "zlib")); run 'vloop check'", path: file.path, offset: off)
+            throw ImageError(.corrupt, "compressed cluster at \(off) does not decompress (\(zstd ? "zstd" : "zlib")); run 'vloop check'", path: file.path, offset: off)
         }
         try lock.lookup { lastDecompressed = (token, out) }
         return out
