@@ -78,10 +78,11 @@ struct Attach: ParsableCommand {
         }
         close(out.write); close(log)
         // The daemon writes one line once the device is ready ("OK /dev/loopN") or it
-        // gave up ("ERR why"); end of file means it exited without a word.
+        // gave up ("ERR why"); end of file means it exited without a word. A line is
+        // short: 64 KiB of one is taken as all of it.
         var line: [UInt8] = []
         var byte: UInt8 = 0
-        while true {
+        while line.count < 65536 {
             let n = read(out.read, &byte, 1)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 || byte == 10 { break }
@@ -158,11 +159,11 @@ struct Detach: ParsableCommand {
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List images attached by vloop.")
-    @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
+    @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
 
     func run() throws {
         let records = AttachRegistry.all()
-        if output == "json" {
+        if output == .json {
             let items: [JSONValue] = records.map { r in
                 var pairs: [(String, JSONValue)] = [("device", .string(r.device)), ("image", .string(r.image)), ("format", .string(r.format)),
                                                     ("read-only", .bool(r.readOnly)), ("pid", .int(Int64(r.pid))), ("alive", .bool(r.daemonAlive))]

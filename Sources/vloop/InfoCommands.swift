@@ -4,7 +4,7 @@ import VirtualDisk
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show an image's format, size, backing file and details.")
     @Option(name: .short, help: "Image format (probed when omitted).") var f: String?
-    @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
+    @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
     @Flag(name: .customLong("backing-chain"), help: "Describe every image in the chain.") var backingChain = false
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open even if another process writes the image.") var forceShare = false
     @OptionGroup var common: CommonOptions
@@ -13,12 +13,11 @@ struct Info: ParsableCommand {
     func run() throws {
         try Vloop.guarded {
             try common.apply()
-            guard output == "human" || output == "json" else { throw ImageError(.invalidArgument, "--output must be human or json") }
             let img = try openImage(image, format: f, forceShare: forceShare, noBacking: !backingChain)
             defer { try? img.close() }
             var chain: [DiskImage] = [img]
             while backingChain, let b = chain.last?.backingImage { chain.append(b) }
-            if output == "json" {
+            if output == .json {
                 let items = chain.map { InfoOperation.json($0, actualSize: actualSize($0.info.path)) }
                 print(backingChain ? JSONValue.array(items).rendered() : items[0].rendered())
             } else {
@@ -32,7 +31,7 @@ struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Check an image for consistency; -r repairs. Exit: 0 clean, 1 not completed, 2 corruption, 3 leaks.")
     @Option(name: .short, help: "Image format.") var f: String?
     @Option(name: .short, help: "Repair: leaks or all.") var r: String?
-    @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
+    @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
     @Flag(name: [.customShort("U"), .customLong("force-share")]) var forceShare = false
     @Flag(name: .customLong("untrusted"), help: "Safety verdict for an image from a stranger: exactly one image of the claimed format (-f), no other files named, consistent. Exit 0 safe, 2 unsafe.")
     var untrusted = false
@@ -44,7 +43,7 @@ struct Check: ParsableCommand {
         var code: Int32 = 0
         if untrusted {
             let verdict = UntrustedInspection.inspect(path: image, claimed: try parseFormat(f), allowBacking: allowBacking)
-            if output == "json" {
+            if output == .json {
                 print(verdict.json.rendered())
             } else if verdict.safe {
                 print("\(image): safe (\(verdict.format ?? "?"), \(verdict.virtualSize ?? 0) bytes)")
@@ -70,7 +69,7 @@ struct Check: ParsableCommand {
                 throw ImageError(.unsupported, "this image format (\(img.info.format)) does not support checks", path: image)
             }
             let report = try layer.check(repair: repair)
-            if output == "json" {
+            if output == .json {
                 var pairs: [(String, JSONValue)] = [("image-end-offset", .uint(report.imageEndOffset)),
                                                     ("total-clusters", .uint(report.totalClusters)),
                                                     ("check-errors", .int(0)),
@@ -153,29 +152,22 @@ struct Compare: ParsableCommand {
 struct MapCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "map", abstract: "Show which ranges hold data, zeroes or nothing, and where.")
     @Option(name: .short, help: "Image format.") var f: String?
-    @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
+    @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
     @Flag(name: [.customShort("U"), .customLong("force-share")]) var forceShare = false
-    @Option(name: [.customShort("s"), .customLong("start-offset")], help: "Map from this guest offset (e.g. 1G).") var startOffset: String?
-    @Option(name: [.customShort("l"), .customLong("max-length")], help: "Map at most this many bytes.") var maxLength: String?
+    @Option(name: [.customShort("s"), .customLong("start-offset")], help: "Map from this guest offset (e.g. 1G).", transform: sizeOption)
+    var startOffset: UInt64 = 0
+    @Option(name: [.customShort("l"), .customLong("max-length")], help: "Map at most this many bytes.", transform: sizeOption)
+    var maxLength: UInt64?
     @OptionGroup var common: CommonOptions
     @Argument var image: String
-
-    func validate() throws {
-        for (name, value) in [("--start-offset", startOffset), ("--max-length", maxLength)] {
-            if let value, (try? SizeParser.parse(value)) == nil {
-                throw ValidationError("\(name) \(value) is not a size (e.g. 4096, 64k, 1G)")
-            }
-        }
-    }
 
     func run() throws {
         try Vloop.guarded {
             try common.apply()
             let img = try openImage(image, format: f, forceShare: forceShare)
             defer { try? img.close() }
-            let extents = try MapOperation.extents(img, start: try startOffset.map(SizeParser.parse) ?? 0,
-                                                   length: try maxLength.map(SizeParser.parse))
-            if output == "json" {
+            let extents = try MapOperation.extents(img, start: startOffset, length: maxLength)
+            if output == .json {
                 print(MapOperation.json(extents))
             } else {
                 var chain: [String] = [img.info.path]

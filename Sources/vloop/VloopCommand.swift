@@ -52,6 +52,18 @@ struct CommonOptions: ParsableArguments {
     }
 }
 
+/// `--output`: text for people, or JSON as qemu-img writes it. Anything else is a
+/// usage error that names both.
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case human, json
+}
+
+/// A size option (`--start-offset 1G`), parsed as qemu-img parses sizes; a bad one is
+/// a usage error that says what a size looks like.
+func sizeOption(_ text: String) throws -> UInt64 {
+    try SizeParser.parse(text)
+}
+
 func parseFormat(_ name: String?) throws -> ImageFormat? {
     guard let name else { return nil }
     guard let f = ImageFormat(name: name) else {

@@ -206,7 +206,7 @@ struct Measure: ParsableCommand {
     @Option(name: .short, help: "Output format options.") var o: [String] = []
     @Option(name: .customLong("size"), help: "Virtual size.") var size: String?
     @Option(name: .short, help: "Source format.") var f: String?
-    @Option(name: .customLong("output"), help: "human or json.") var output: String = "human"
+    @Option(name: .customLong("output"), help: "human or json.") var output: OutputFormat = .human
     @Flag(name: [.customShort("U"), .customLong("force-share")]) var forceShare = false
     @Argument var source: String?
 
@@ -217,7 +217,7 @@ struct Measure: ParsableCommand {
             let src = try source.map { try openImage($0, format: f, forceShare: forceShare) }
             defer { try? src?.close() }
             let r = try MeasureOperation.run(format: format, options: try o.flatMap(OptionList.parse), size: try size.map(SizeParser.parse), source: src)
-            if output == "json" {
+            if output == .json {
                 print(JSONValue.object([("bitmaps", .uint(0)), ("required", .uint(r.required)), ("fully-allocated", .uint(r.fullyAllocated))]).rendered())
             } else {
                 print("required size: \(r.required)\nfully allocated size: \(r.fullyAllocated)")

@@ -26,7 +26,13 @@ struct CLITests {
             let end = try vloop(["map", "--output", "json", "-s", start, img])
             #expect(end.status == 0 && end.out.trimmingCharacters(in: .whitespacesAndNewlines) == "[]")
         }
-        #expect(try vloop(["map", "-s", "lots", img]).err.contains("--start-offset lots is not a size"))
+        let notASize = try vloop(["map", "-s", "lots", img])
+        #expect(notASize.status != 0 && notASize.err.contains("invalid size 'lots'") && notASize.err.contains("suffix"), "\(notASize.err)")
+        // --output is human or json, for every command that has it.
+        for command in [["map", img], ["info", img], ["check", img], ["measure", "--size", "1G"], ["list"]] {
+            let xml = try vloop([command[0], "--output", "xml"] + command.dropFirst())
+            #expect(xml.status != 0 && xml.err.contains("'human'") && xml.err.contains("'json'"), "\(command[0]): \(xml.err)")
+        }
     }
 
     @Test("convert copies a chain as qemu-img reads it, and stops with the file named when the source turns out corrupt part-way")

@@ -80,15 +80,17 @@ extension QCOW2Layer {
         // serialize() placed the backing name: keep its position for later header updates.
         h.backingFileOffset = ByteReader(head).be64(8)
         h.backingFileSize = ByteReader(head).be32(16)
-        try file.write(head, at: 0)
         var rt = [UInt8](repeating: 0, count: Int(cs))
         rt.putBE64(2 * cs, at: 0)
-        try file.write(rt, at: cs)
         var rb = [UInt8](repeating: 0, count: Int(cs))
         for c in 0..<UInt64(3) where c < cs * 8 / o.refcountBits {
             putRefcount(&rb, c, h.refcountOrder, 1)
         }
-        try file.write(rb, at: 2 * cs)
+        // The file is new: the zero tails of the header, the refcount table and the
+        // block stay holes (the L1 table's truncate below makes the file reach them).
+        for (bytes, at) in [(head, 0), (rt, cs), (rb, 2 * cs)] {
+            try file.write(Array(bytes[0..<QCOW2Layer.usedHead(bytes)]), at: at)
+        }
 
         var dataHost: HostFile?
         if let df = o.dataFile {

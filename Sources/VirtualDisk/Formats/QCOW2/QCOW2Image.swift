@@ -367,15 +367,21 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
         if pendingDecrements.count > 4096 || cache.isOverBudget(owner: owner) { try flushLocked() }
     }
 
+    /// The bytes of `bytes` up to its last non-zero one, rounded up to 4 KiB (a
+    /// file-system block): what must be written of a table whose tail may be a hole.
+    static func usedHead(_ bytes: [UInt8]) -> Int {
+        var used = bytes.count
+        while used > 0 && bytes[used - 1] == 0 { used -= 1 }
+        return min(bytes.count, (used + 4095) / 4096 * 4096)
+    }
+
     /// Write a metadata page, leaving its all-zero tail as a hole: mostly-empty tables
     /// (a fresh L1, a new refcount block) then take a file-system block or two, not a
     /// cluster. An all-zero page past the end of the file is not written at all, except
     /// at the start of a cluster: the file must reach every cluster in use, or the next
     /// open would take the end of the file for free space.
     private func writePage(_ bytes: [UInt8], at offset: UInt64) throws {
-        var used = bytes.count
-        while used > 0 && bytes[used - 1] == 0 { used -= 1 }
-        let head = min(bytes.count, (used + 4095) / 4096 * 4096)
+        let head = Self.usedHead(bytes)
         if head == bytes.count {
             try file.write(bytes, at: offset)
             return
