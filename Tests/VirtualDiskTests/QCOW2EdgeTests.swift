@@ -88,6 +88,32 @@ struct QCOW2EdgeTests {
         #expect(!io.out.contains("Pattern verification failed"), "\(io.out)")
     }
 
+    @Test("a refcount block or L2 table placed past the end of the file reads as zeroes but is never written there", arguments: ["refcount table", "L1"])
+    func tablesPastTheEnd(_ which: String) throws {
+        let dir = TempDir()
+        let path = dir.file("t.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
+        let bytes = try readFile(path)
+        let table = ByteReader(bytes).be64(which == "L1" ? 40 : 48)
+        // An entry 6.5 EB into the file (a fuzzer's 0x5a bytes), flags kept.
+        let hostile: UInt64 = (which == "L1" ? 1 << 63 : 0) | 0x5a5a_5a5a_5a5a_0000
+        try patch(path, at: table, (0..<8).map { UInt8(truncatingIfNeeded: hostile >> (56 - 8 * $0)) })
+        let sizeBefore = bytes.count
+
+        let image = try openRW(path)
+        #expect(try image.read(at: 0, count: 512) == [UInt8](repeating: which == "L1" ? 0 : 0x11, count: 512))
+        var refused: ImageError?
+        do {
+            try image.write([UInt8](repeating: 0x22, count: 4096), at: 1 << 20)
+            try image.flush()
+        } catch let e as ImageError { refused = e }
+        #expect(refused?.message.contains("past the end of the image") == true, "\(String(describing: refused))")
+        try? image.close()
+        let sizeAfter = try #require(FileManager.default.attributesOfItem(atPath: path)[.size] as? Int)
+        #expect(sizeAfter <= sizeBefore + (1 << 20), "the file grew from \(sizeBefore) to \(sizeAfter) bytes")
+    }
+
     @Test("preallocation modes give clean images that read as zeroes", arguments: ["metadata", "falloc", "full"])
     func preallocation(_ mode: String) throws {
         let dir = TempDir()

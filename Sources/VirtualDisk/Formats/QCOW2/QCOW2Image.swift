@@ -152,9 +152,20 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     func setTableEntry(_ table: UInt64, _ index: UInt64, _ value: UInt64, rank: Int) throws {
+        try checkInsideImage(table + index * 8, "table")
         try withTablePage(table + index * 8) { p, within in
             p.bytes.putBE64(value, at: within)
             cache.markDirty(p, rank: rank)
+        }
+    }
+
+    /// Refuse to change metadata at `pos` unless it lies in a cluster of this image: a
+    /// table that a damaged entry places past the end of the file reads as zeroes, but
+    /// writing it back would grow the file to wherever the entry points.
+    func checkInsideImage(_ pos: UInt64, _ what: String) throws {
+        guard pos / clusterSize < endCluster else {
+            throw ImageError(.corrupt, "the \(what) at \(pos.alignedDown(clusterSize)) lies past the end of the image (\(endCluster * clusterSize) bytes); run 'vloop check -r all'",
+                             path: file.path, format: "qcow2")
         }
     }
 
