@@ -108,7 +108,7 @@ struct QCOW2EdgeTests {
             try image.write([UInt8](repeating: 0x22, count: 4096), at: 1 << 20)
             try image.flush()
         } catch let e as ImageError { refused = e }
-        #expect(refused?.message.contains("past the end of the image") == true, "\(String(describing: refused))")
+        #expect(refused?.message.contains("lies past the end of the file") == true, "\(String(describing: refused))")
         try? image.close()
         let sizeAfter = try #require(FileManager.default.attributesOfItem(atPath: path)[.size] as? Int)
         #expect(sizeAfter <= sizeBefore + (1 << 20), "the file grew from \(sizeBefore) to \(sizeAfter) bytes")
@@ -228,6 +228,43 @@ struct QCOW2EdgeTests {
             }
             try? img.close()
             #expect(try readFile(path) == b, "the \(what) case changed the file")
+        }
+    }
+
+    @Test("an L2 table or refcount block that a damaged entry places over the L1 table or the refcount table is never written there",
+          arguments: ["L2 over the L1 table", "L2 over the refcount table", "refcount block over the L1 table"])
+    func tablesOverStructures(_ case_: String) throws {
+        let dir = TempDir()
+        let path = dir.file("o.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
+        let clean = try readFile(path)
+        func be64(_ o: Int) -> UInt64 { clean[o..<o + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+        let l1 = be64(40), refcountTable = be64(48)
+        let copied: UInt64 = 1 << 63
+        var b = clean
+        switch case_ {
+        case "L2 over the L1 table": b.putBE64(l1 | copied, at: Int(l1))
+        case "L2 over the refcount table": b.putBE64(refcountTable | copied, at: Int(l1))
+        default: b.putBE64(l1, at: Int(refcountTable))
+        }
+        try Data(b).write(to: URL(fileURLWithPath: path))
+        let img = try openRW(path)
+        var refused: ImageError?
+        do {
+            try img.write([UInt8](repeating: 0x22, count: 4096), at: 8192)
+            try img.write([UInt8](repeating: 0x33, count: 4096), at: 32 << 20)
+            try img.flush()
+        } catch let e as ImageError { refused = e }
+        try? img.close()
+        let named = case_.hasSuffix("L1 table") ? "the L1 table" : "the refcount table"
+        // Refused as the table is changed, or already as data would be written through it.
+        #expect(refused?.code == .corrupt && refused?.message.contains(named) == true && refused?.message.contains("vloop check") == true,
+                "\(case_): \(String(describing: refused))")
+        // The header, the refcount table and the L1 table are as they were.
+        let after = try readFile(path)
+        for start in [0, Int(refcountTable), Int(l1)] {
+            #expect(after[start..<(start + 65536)] == b[start..<(start + 65536)], "\(case_): the cluster at \(start) changed")
         }
     }
 

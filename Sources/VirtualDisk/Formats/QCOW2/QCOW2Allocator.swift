@@ -78,7 +78,7 @@ extension QCOW2Layer {
             try setTableEntry(header.refcountTableOffset, block, blockOffset, rank: Self.rankRefcountTable)
             try setRefcount(cluster: blockOffset / clusterSize, 1)
         }
-        try checkInsideImage(blockOffset, "refcount block for cluster \(c)")
+        try checkTableTarget(blockOffset + (c % refcountsPerBlock) / refcountsPerPage * pageSize, "refcount block for cluster \(c)")
         try withRefcountPage(blockOffset, c % refcountsPerBlock) { p, i in
             Self.putRefcount(&p.bytes, i, header.refcountOrder, value)
             cache.markDirty(p, rank: Self.rankRefcountBlock)

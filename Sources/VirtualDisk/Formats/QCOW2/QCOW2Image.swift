@@ -152,21 +152,41 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     }
 
     func setTableEntry(_ table: UInt64, _ index: UInt64, _ value: UInt64, rank: Int) throws {
-        try checkInsideImage(table + index * 8, "table")
+        if rank == Self.rankL2 {
+            try checkTableTarget(table + index * 8, "L2 table")
+        } else if (table + index * 8) / clusterSize >= endCluster {
+            // The L1 or refcount table, where the header places it: inside the image.
+            try checkTableTarget(table + index * 8, rank == Self.rankL1 ? "L1 table" : "refcount table")
+        }
         try withTablePage(table + index * 8) { p, within in
             p.bytes.putBE64(value, at: within)
             cache.markDirty(p, rank: rank)
         }
     }
 
-    /// Refuse to change metadata at `pos` unless it lies in a cluster of this image: a
-    /// table that a damaged entry places past the end of the file reads as zeroes, but
-    /// writing it back would grow the file to wherever the entry points.
-    func checkInsideImage(_ pos: UInt64, _ what: String) throws {
-        guard pos / clusterSize < endCluster else {
-            throw ImageError(.corrupt, "the \(what) at \(pos.alignedDown(clusterSize)) lies past the end of the image (\(endCluster * clusterSize) bytes); run 'vloop check -r all'",
-                             path: file.path, format: "qcow2")
-        }
+    /// The structure that host bytes `start ..< end` would damage if written as
+    /// something else: the header, the L1 table, the refcount table, or nothing at all
+    /// (past the end of the file, as far as this image has allocated); nil when none.
+    func structureHit(_ start: UInt64, _ end: UInt64) -> String? {
+        func overlaps(_ at: UInt64, _ length: UInt64) -> Bool { start < at + length && at < end }
+        if start < clusterSize { return "the header" }
+        if end > endCluster * clusterSize { return "past the end of the file (\(endCluster * clusterSize) bytes)" }
+        // (No L1 table yet while a new image is made: offset 0.)
+        if header.l1TableOffset != 0 && overlaps(header.l1TableOffset, UInt64(header.l1Size) * 8) { return "the L1 table" }
+        if overlaps(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize) { return "the refcount table" }
+        return nil
+    }
+
+    /// Refuse to change the table page holding `pos` (of an L2 table or refcount block,
+    /// `what`) where a damaged entry has put it: past the end of the image (it reads as
+    /// zeroes, but writing it back would grow the file to wherever the entry points),
+    /// or over the header, the L1 table or the refcount table.
+    func checkTableTarget(_ pos: UInt64, _ what: @autoclosure () -> String) throws {
+        let page = pos.alignedDown(pageSize)
+        guard let hit = structureHit(page, page + pageSize) else { return }
+        let place = hit.hasPrefix("past") ? hit : "over " + hit
+        throw ImageError(.corrupt, "the \(what()) at \(pos.alignedDown(clusterSize)) lies \(place); writing it would damage the image, so the write is refused; run 'vloop check -r all'",
+                         path: file.path, format: "qcow2", offset: pos)
     }
 
     /// A whole table (`length` bytes from `offset`) as it stands, dirty pages included.

@@ -109,20 +109,8 @@ extension QCOW2Layer {
     /// would cost a lookup per write.) Runs under `lock`.
     func checkInPlaceTarget(_ e: L2Entry, guestCluster c: UInt64) throws {
         if externalData { return }
-        let host = e.hostOffset, end = e.hostOffset + clusterSize
-        func overlaps(_ start: UInt64, _ length: UInt64) -> Bool { host < start + length && start < end }
-        let problem: String
-        if host < clusterSize {
-            problem = "the header"
-        } else if end > endCluster * clusterSize {
-            problem = "a cluster past the end of the file (\(endCluster * clusterSize) bytes)"
-        } else if overlaps(header.l1TableOffset, UInt64(header.l1Size) * 8) {
-            problem = "the L1 table"
-        } else if overlaps(header.refcountTableOffset, UInt64(header.refcountTableClusters) * clusterSize) {
-            problem = "the refcount table"
-        } else {
-            return
-        }
+        let host = e.hostOffset
+        guard let problem = structureHit(host, host + clusterSize) else { return }
         throw ImageError(.corrupt, "the L2 entry of guest offset \(c * clusterSize) points at host offset \(host), \(problem); writing there would damage the image, so the write is refused; run 'vloop check -r all'",
                          path: file.path, offset: host)
     }
