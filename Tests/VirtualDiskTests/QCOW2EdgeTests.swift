@@ -29,6 +29,16 @@ struct QCOW2EdgeTests {
         try sh(["qemu-img", "check", dir.file("ours.qcow2")])
     }
 
+    /// A qcow2 made by qemu-img with 64 KiB of 0x11 at 0: its path, its bytes, and the
+    /// offsets of its L1 and refcount tables.
+    func writtenImage(in dir: TempDir, size: String) throws -> (path: String, bytes: [UInt8], l1: UInt64, refcountTable: UInt64) {
+        let path = dir.file("w.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, size])
+        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
+        let bytes = try readFile(path)
+        return (path, bytes, ByteReader(bytes).be64(40), ByteReader(bytes).be64(48))
+    }
+
     /// Bytes of `path` that hold data (not holes) in `offset..<offset+length`.
     func dataBytes(_ path: String, _ offset: Int, _ length: Int) throws -> Int {
         let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE (_GNU_SOURCE)
@@ -91,11 +101,8 @@ struct QCOW2EdgeTests {
     @Test("a refcount block or L2 table placed past the end of the file reads as zeroes but is never written there", arguments: ["refcount table", "L1"])
     func tablesPastTheEnd(_ which: String) throws {
         let dir = TempDir()
-        let path = dir.file("t.qcow2")
-        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
-        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
-        let bytes = try readFile(path)
-        let table = ByteReader(bytes).be64(which == "L1" ? 40 : 48)
+        let (path, bytes, l1, refcountTable) = try writtenImage(in: dir, size: "64M")
+        let table = which == "L1" ? l1 : refcountTable
         // An entry 6.5 EB into the file (a fuzzer's 0x5a bytes), flags kept.
         let hostile: UInt64 = (which == "L1" ? 1 << 63 : 0) | 0x5a5a_5a5a_5a5a_0000
         try patch(path, at: table, (0..<8).map { UInt8(truncatingIfNeeded: hostile >> (56 - 8 * $0)) })
@@ -205,13 +212,8 @@ struct QCOW2EdgeTests {
     @Test("a write into a cluster whose L2 entry points at metadata or past the end of the file is refused, the file untouched")
     func inPlaceWritesStayInTheFile() throws {
         let dir = TempDir()
-        let path = dir.file("w.qcow2")
-        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"])
-        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
-        let clean = try readFile(path)
-        func be64(_ o: Int) -> UInt64 { clean[o..<o + 8].reduce(0) { $0 << 8 | UInt64($1) } }
-        let l1 = be64(40), refcountTable = be64(48)
-        let l2 = be64(Int(l1)) & 0x00ff_ffff_ffff_fe00
+        let (path, clean, l1, refcountTable) = try writtenImage(in: dir, size: "1M")
+        let l2 = ByteReader(clean).be64(Int(l1)) & 0x00ff_ffff_ffff_fe00
         let copied: UInt64 = 1 << 63
         let targets: [(String, UInt64, String)] = [("L1 table", l1, "the L1 table"), ("refcount table", refcountTable, "the refcount table"),
                                                    ("end of the file", 1 << 40, "past the end of the file")]
@@ -235,12 +237,7 @@ struct QCOW2EdgeTests {
           arguments: ["L2 over the L1 table", "L2 over the refcount table", "refcount block over the L1 table"])
     func tablesOverStructures(_ case_: String) throws {
         let dir = TempDir()
-        let path = dir.file("o.qcow2")
-        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
-        try sh(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", path])
-        let clean = try readFile(path)
-        func be64(_ o: Int) -> UInt64 { clean[o..<o + 8].reduce(0) { $0 << 8 | UInt64($1) } }
-        let l1 = be64(40), refcountTable = be64(48)
+        let (path, clean, l1, refcountTable) = try writtenImage(in: dir, size: "64M")
         let copied: UInt64 = 1 << 63
         var b = clean
         switch case_ {
