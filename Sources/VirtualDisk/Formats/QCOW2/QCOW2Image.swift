@@ -183,7 +183,9 @@ public final class QCOW2Layer: FormatLayer, @unchecked Sendable {
     /// or over the header, the L1 table or the refcount table.
     func checkTableTarget(_ pos: UInt64, _ what: @autoclosure () -> String) throws {
         let page = pos.alignedDown(pageSize)
-        guard let hit = structureHit(page, page + pageSize) else { return }
+        // Past the end first: a damaged entry may sit a page below 2^64.
+        let hit = page / clusterSize >= endCluster ? structureHit(page, UInt64.max) : structureHit(page, page + pageSize)
+        guard let hit else { return }
         let place = hit.hasPrefix("past") ? hit : "over " + hit
         throw ImageError(.corrupt, "the \(what()) at \(pos.alignedDown(clusterSize)) lies \(place); writing it would damage the image, so the write is refused; run 'vloop check -r all'",
                          path: file.path, format: "qcow2", offset: pos)
